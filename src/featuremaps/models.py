@@ -1,0 +1,496 @@
+"""Where a model comes from: torchvision's registry by name, a user's own ``module:attr``, or an
+``nn.Module`` object; with pretrained, random (seeded) or checkpoint weights, and the input
+preprocessing that belongs to those weights.
+
+Nothing here keeps a model table of its own: names, builders, weights and their transforms all
+come from torchvision's registry (``list_models``, ``get_model``, ``get_model_weights``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import http.client
+import importlib
+import importlib.util
+import os
+import pickle
+import socket
+import sys
+import urllib.error
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import ImageError, ModelError, WeightsUnavailableError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a picture becomes the model's input.
+
+    Like the seed, the whole picture is resized to ``size`` (no crop), then normalized with the
+    weights' own mean and std.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    min_size: tuple[int, int] = (1, 1)
+    interpolation: str = "bilinear"
+
+    def with_size(self, size: int | tuple[int, int] | None) -> "Preprocessing":
+        """The same preprocessing at another input size (``None`` keeps this one)."""
+        if size is None:
+            return self
+        hw = _as_hw(size)
+        if hw[0] < self.min_size[0] or hw[1] < self.min_size[1]:
+            raise ModelError(
+                f"input size {hw[0]}x{hw[1]} is smaller than this model's minimum "
+                f"{self.min_size[0]}x{self.min_size[1]}; choose a larger --size"
+            )
+        return replace(self, size=hw)
+
+    def resize(self, image: "Image.Image") -> "Image.Image":
+        """The picture as the model sees it: RGB, resized to :attr:`size` (height, width)."""
+        from PIL import Image
+
+        h, w = self.size
+        if image.size == (w, h):
+            return image
+        method = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}.get(
+            self.interpolation, Image.Resampling.BILINEAR
+        )
+        return image.resize((w, h), method, reducing_gap=None)
+
+    def to_tensor(self, resized: "Image.Image") -> torch.Tensor:
+        """A resized RGB picture -> normalized ``(1, 3, H, W)`` float tensor."""
+        import numpy as np
+
+        arr = torch.from_numpy(np.asarray(resized.convert("RGB"), dtype=np.uint8).copy())
+        x = arr.permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return ((x - mean) / std).unsqueeze(0)
+
+    def __call__(self, image: "Image.Image") -> tuple[torch.Tensor, "Image.Image"]:
+        """Resize and normalize; returns the input tensor and the resized picture."""
+        if image.width < self.min_size[1] or image.height < self.min_size[0]:
+            raise ImageError(
+                f"the image is {image.width}x{image.height} pixels; this model needs at least "
+                f"{self.min_size[1]}x{self.min_size[0]} — use a larger image"
+            )
+        resized = self.resize(image)
+        return self.to_tensor(resized), resized
+
+
+def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        hw = (size, size)
+    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        hw = (int(size[0]), int(size[1]))
+    else:
+        raise ModelError(f"size must be an int or (height, width), got {size!r}")
+    if hw[0] < 1 or hw[1] < 1:
+        raise ModelError(f"size must be positive, got {hw[0]}x{hw[1]}")
+    return hw
+
+
+def _preprocessing_from_weights(weights: Any | None, size: int | tuple[int, int] | None) -> Preprocessing:
+    """Mean, std, default size and minimum size from a torchvision weights enum (no download)."""
+    pre = Preprocessing()
+    if weights is not None:
+        t = weights.transforms()
+        crop = getattr(t, "crop_size", [224])
+        interp = getattr(getattr(t, "interpolation", None), "value", "bilinear")
+        min_size = weights.meta.get("min_size", (1, 1))
+        pre = Preprocessing(
+            size=_as_hw(int(crop[0])),
+            mean=tuple(float(v) for v in getattr(t, "mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in getattr(t, "std", IMAGENET_STD)),
+            min_size=(int(min_size[0]), int(min_size[1])),
+            interpolation=str(interp),
+        )
+    return pre.with_size(size)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loaded model
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A model ready for capture, with where its weights came from and how to feed it.
+
+    Attributes:
+        module: the ``nn.Module`` (in eval mode when featuremaps built it).
+        name: torchvision name, ``module:attr`` spec, or class name.
+        weights: ``IMAGENET1K_V1``..., ``random(seed=0)``, ``checkpoint:<path>`` or ``as given``.
+        pretrained: True only for real trained weights (registry or checkpoint).
+        preprocessing: resize + normalization for this model's input.
+        categories: class labels from the weights' metadata, when known.
+    """
+
+    module: nn.Module = field(repr=False)
+    name: str
+    weights: str
+    pretrained: bool
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    categories: tuple[str, ...] | None = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return _module_device(self.module)
+
+    def with_size(self, size: int | tuple[int, int] | None) -> "Model":
+        """The same model fed at another input size."""
+        return replace(self, preprocessing=self.preprocessing.with_size(size))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available) -> a torch device."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}; use cpu, cuda or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("CUDA is not available on this machine; use --device cpu (or auto)")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"unsupported device {device!r}; use cpu, cuda or auto")
+    return dev
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+def list_models() -> list[str]:
+    """Every image-classification model name in torchvision's registry."""
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _check_name(name: str) -> str:
+    names = list_models()
+    key = name.strip().lower().replace("-", "_")
+    if key in names:
+        return key
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ModelError(
+        f"unknown model {name!r}; {hint}run `featuremaps models` to list torchvision's classifiers, "
+        "or give your own as package.module:attr"
+    )
+
+
+def _weights_enum(name: str, weights: str) -> Any:
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    text = weights.split(".")[-1].upper() if "." in weights and not _looks_like_path(weights) else weights.upper()
+    if text == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[text]
+    except KeyError:
+        options = ", ".join(["DEFAULT", *(w.name for w in enum)])
+        raise ModelError(
+            f"{name} has no weights {weights!r}; use one of {options}, 'random', or a checkpoint file"
+        ) from None
+
+
+def weights_file(weights_enum: Any) -> Path:
+    """Where torchvision's cache keeps (or would keep) a weights enum's file."""
+    hub = Path(torch.hub.get_dir())
+    return hub / "checkpoints" / os.path.basename(weights_enum.url)
+
+
+def is_cached(name: str, weights: str = "DEFAULT") -> bool:
+    """True when the pretrained weights of ``name`` are already in torchvision's cache."""
+    return weights_file(_weights_enum(_check_name(name), weights)).is_file()
+
+
+_OFFLINE_ERRORS = (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, http.client.HTTPException)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.lower().endswith(CHECKPOINT_SUFFIXES) or os.sep in text or text.startswith(".")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from a ``.pth``/``.pt`` file (plain tensors only: ``weights_only=True``) or a
+    ``.safetensors`` file. ``{"state_dict": ...}``/``{"model": ...}`` wrappers and a
+    ``module.`` prefix (DataParallel) are unwrapped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"checkpoint {str(p)!r} not found; give the path of a .pth or .safetensors file")
+    if p.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(p), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(f"cannot read {p.name} as safetensors ({_first_line(exc)}); is the file complete?") from None
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ModelError(
+                f"refusing to load {p.name}: it holds Python objects that could run code when unpickled "
+                f"({_first_line(exc)[:120]}); save a plain state_dict with torch.save(model.state_dict(), path) "
+                "or use .safetensors"
+            ) from None
+        except (RuntimeError, EOFError, OSError, ValueError) as exc:
+            raise ModelError(f"cannot read checkpoint {p.name} ({_first_line(exc)[:160]}); is it a torch.save file?") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{p.name} is not a state_dict (a dict of tensors); save one with torch.save(model.state_dict(), path)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _load_checkpoint(module: nn.Module, path: str | os.PathLike, label: str) -> None:
+    state = read_state_dict(path)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        own = module.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
+        detail = "; ".join(parts) or _first_line(exc)[:160]
+        raise ModelError(f"{Path(path).name} does not fit {label}: {detail}; check that it was saved from this architecture") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------------
+# User models
+# --------------------------------------------------------------------------------------------------
+def is_user_spec(spec: str) -> bool:
+    """``package.module:attr`` or ``path/to/file.py:attr``."""
+    return isinstance(spec, str) and ":" in spec and not spec.startswith(("http:", "https:"))
+
+
+def _import_attr(spec: str) -> Any:
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ModelError(f"cannot read model spec {spec!r}; write package.module:attr or path/to/file.py:attr")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ModelError(f"model file {target!r} not found")
+            mod_name = f"_featuremaps_user_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            assert module_spec is not None and module_spec.loader is not None
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            added = os.getcwd() not in sys.path
+            if added:
+                sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(target)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
+    except ModelError:
+        raise
+    except ImportError as exc:
+        raise ModelError(f"cannot import {target!r} for model {spec!r} ({_first_line(exc)}); check the module path and PYTHONPATH") from None
+    except Exception as exc:
+        raise ModelError(f"importing {target!r} for model {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(f"{target!r} has no attribute {part!r} (from model spec {spec!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _build_user_model(spec: str) -> nn.Module:
+    obj = _import_attr(spec)
+    if isinstance(obj, nn.Module):
+        return obj
+    if callable(obj):
+        try:
+            built = obj()
+        except TypeError as exc:
+            raise ModelError(f"{spec} must be callable without arguments ({_first_line(exc)}); wrap it in a factory function") from None
+        if isinstance(built, nn.Module):
+            return built
+        raise ModelError(f"{spec} returned a {type(built).__name__}, not a torch.nn.Module")
+    raise ModelError(f"{spec} is a {type(obj).__name__}; it must be an nn.Module class, factory or instance")
+
+
+# --------------------------------------------------------------------------------------------------
+# The one entry point
+# --------------------------------------------------------------------------------------------------
+def load_model(
+    model: str | nn.Module,
+    weights: str | os.PathLike | None = "DEFAULT",
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = "cpu",
+    size: int | tuple[int, int] | None = None,
+    progress: bool = True,
+) -> Model:
+    """Build a model and its preprocessing.
+
+    Args:
+        model: a torchvision classifier name (``"vgg16"``), a user model ``"package.module:attr"``
+            or ``"path/file.py:attr"`` (a class, a factory or an instance), or an ``nn.Module``.
+        weights: ``"DEFAULT"`` or a weights name (``"IMAGENET1K_V1"``) via torchvision's weights
+            API and cache; ``"random"`` (seeded, no download); or a checkpoint path (``.pth``/``.pt``
+            state_dict read with ``weights_only=True``, or ``.safetensors``). ``None`` = ``"random"``.
+        seed: seed of the random initialisation (``weights="random"`` and user models).
+        device: ``cpu``, ``cuda``, ``auto``.
+        size: input size (int or (height, width)); default: the weights' own crop size (224 mostly).
+        progress: show torchvision's download progress bar.
+
+    Raises:
+        ModelError: unknown name (with the closest names), bad weights or checkpoint.
+        WeightsUnavailableError: pretrained weights are not cached and cannot be downloaded.
+    """
+    dev = resolve_device(device)
+    wspec = "random" if weights is None else str(weights)
+    is_path = isinstance(weights, os.PathLike) or _looks_like_path(wspec)
+
+    if isinstance(model, nn.Module):
+        module = model
+        label = type(model).__name__
+        if is_path:
+            raise ModelError("load a checkpoint into your own nn.Module yourself, or pass it as 'package.module:attr' with weights=path")
+        return Model(module=module, name=label, weights="as given", pretrained=False, preprocessing=Preprocessing().with_size(size))
+
+    if not isinstance(model, str) or not model.strip():
+        raise ModelError(f"a model is a torchvision name, 'package.module:attr' or an nn.Module, not {model!r}")
+
+    if is_user_spec(model):
+        if not is_path and wspec.lower() != "random":
+            raise ModelError(
+                f"{model} is your own model: torchvision has no {wspec!r} weights for it; pass a checkpoint path or 'random'"
+            )
+        with _seeded(seed):
+            module = _build_user_model(model)
+        pre = Preprocessing().with_size(size)
+        if is_path:
+            _load_checkpoint(module, wspec, model)
+            wname, pretrained = f"checkpoint:{wspec}", True
+        else:
+            wname, pretrained = f"random(seed={seed})", False
+        return Model(module=module.eval().to(dev), name=model, weights=wname, pretrained=pretrained, preprocessing=pre)
+
+    from torchvision.models import get_model, get_model_weights
+
+    name = _check_name(model)
+    default_enum = get_model_weights(name).DEFAULT if _has_weights(name) else None
+    categories = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's init-weights notices are not for our users
+        if is_path:
+            with _seeded(seed):
+                module = get_model(name, weights=None, **_builder_overrides(name))
+            _load_checkpoint(module, wspec, name)
+            wname, pretrained, enum = f"checkpoint:{wspec}", True, default_enum
+        elif wspec.lower() == "random":
+            with _seeded(seed):
+                module = get_model(name, weights=None, **_builder_overrides(name))
+            wname, pretrained, enum = f"random(seed={seed})", False, default_enum
+        else:
+            enum = _weights_enum(name, wspec)
+            try:
+                module = get_model(name, weights=enum, progress=progress)
+            except _OFFLINE_ERRORS as exc:
+                raise WeightsUnavailableError(_offline_message(name, enum, exc)) from None
+            except RuntimeError as exc:
+                if "hash" in str(exc).lower() or "zip" in str(exc).lower() or "corrupt" in str(exc).lower():
+                    raise WeightsUnavailableError(
+                        f"the cached weights file {weights_file(enum)} is damaged ({_first_line(exc)[:100]}); delete it and run again"
+                    ) from None
+                raise
+            wname, pretrained = enum.name, True
+            categories = tuple(enum.meta.get("categories") or ()) or None
+    pre = _preprocessing_from_weights(enum, size)
+    return Model(
+        module=module.eval().to(dev), name=name, weights=wname, pretrained=pretrained, preprocessing=pre, categories=categories
+    )
+
+
+def _has_weights(name: str) -> bool:
+    from torchvision.models import get_model_weights
+
+    try:
+        return get_model_weights(name).DEFAULT is not None
+    except (ValueError, AttributeError, KeyError):
+        return False
+
+
+def _builder_overrides(name: str) -> dict[str, Any]:
+    """Builder options so that a randomly initialised model has the same layers as the pretrained
+    one (GoogLeNet and Inception build auxiliary heads only when trained from scratch)."""
+    if name in ("googlenet", "inception_v3"):
+        return {"aux_logits": False, "init_weights": True}
+    return {}
+
+
+def _offline_message(name: str, enum: Any, exc: BaseException) -> str:
+    target = weights_file(enum)
+    reason = _first_line(exc)[:80]
+    return (
+        f"pretrained weights {name}/{enum.name} are not cached and cannot be downloaded ({reason}): "
+        f"put {target.name} into {target.parent} (or set TORCH_HOME), pass a checkpoint file as weights, "
+        "or use weights='random' (--weights random) for an untrained model"
+    )

@@ -1,0 +1,286 @@
+"""The network mode against an independent oracle, in-place safety, hooks and model state."""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import get_model
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import featuremaps as fm
+from featuremaps.capture import _SCHEDULES
+from featuremaps.errors import LayerError
+
+ARCHS = [
+    ("vgg16", 64),
+    ("vgg11_bn", 64),
+    ("alexnet", 64),
+    ("resnet18", 64),
+    ("mobilenet_v3_small", 64),
+    ("efficientnet_b0", 64),
+    ("densenet121", 64),
+    ("convnext_tiny", 64),
+    ("googlenet", 64),
+]
+
+
+def oracle(model: nn.Module, x: torch.Tensor, nodes: list[str]) -> dict[str, torch.Tensor]:
+    """torchvision's FX feature extractor on a deep copy with every in-place op made out-of-place.
+
+    FX, like naive hooks, returns a conv output *after* a following in-place ReLU overwrote it, so
+    the copy has each ``inplace`` flag and argument off and each ``x += y`` turned into ``x + y``.
+    """
+    clean = copy.deepcopy(model).eval()
+    for m in clean.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    fx = create_feature_extractor(clean, return_nodes={n: n for n in nodes})
+    for node in fx.graph.nodes:
+        if node.op == "call_function" and node.target is operator.iadd:
+            node.target = operator.add
+        if node.kwargs.get("inplace") is True:  # F.relu(x, inplace=True) in a forward()
+            node.kwargs = {**node.kwargs, "inplace": False}
+    fx.recompile()
+    with torch.no_grad():
+        return fx(x)
+
+
+def fx_name(name: str) -> str:
+    """``layer1.0.relu#2`` (our 2nd call) -> ``layer1.0.relu_1`` (FX's name for it)."""
+    base, _, k = name.partition("#")
+    return f"{base}_{int(k) - 1}" if k else base
+
+
+@pytest.mark.parametrize("arch,size", ARCHS)
+def test_every_leaf_output_equals_the_oracle(arch, size):
+    torch.manual_seed(0)
+    model = get_model(arch, weights=None, **({"aux_logits": False, "init_weights": True} if arch == "googlenet" else {})).eval()
+    x = torch.randn(1, 3, size, size)
+    _, eval_nodes = get_graph_node_names(model)
+    modules = dict(model.named_modules())
+    # FX output nodes that are module calls: leaves, and the containers torchvision's tracer keeps whole
+    paths = sorted({n.rsplit("_", 1)[0] if n not in modules else n for n in eval_nodes} & (set(modules) - {""}))
+    maps = fm.capture(model, x, layers=paths)
+    common = [e.name for e in maps.entries if fx_name(e.name) in eval_nodes]
+    compared = {n.split("#")[0] for n in common}
+    convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
+    uncovered = [c for c in convs if not any(c == p or c.startswith(p + ".") for p in compared)]
+    assert not uncovered, f"conv outputs not compared: {uncovered[:3]}"
+    assert len(common) >= 20
+    expected = oracle(model, x, [fx_name(n) for n in common])
+    for name in common:
+        got, want = maps[name].tensor, expected[fx_name(name)]
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{arch} {name}")
+    # the model is left exactly as it was
+    assert all(not m._forward_hooks for m in model.modules())
+    assert not model.training
+
+
+def test_conv_outputs_keep_negative_values_under_inplace_relu():
+    torch.manual_seed(0)
+    model = get_model("vgg11", weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    maps = fm.capture(model, x, layers="conv,relu")
+    conv, relu = maps["features.0"].tensor, maps["features.1"].tensor
+    assert conv.min() < 0, "a conv output lost its negative values to the in-place ReLU"
+    torch.testing.assert_close(relu, conv.clamp(min=0))
+    with torch.no_grad():
+        want = model.features[0](x)
+    torch.testing.assert_close(conv, want)
+    assert model.features[1].inplace is True  # flags untouched
+
+
+def test_functional_inplace_add_does_not_corrupt_capture():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 3, padding=1)
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            out = self.bn(self.conv(x))
+            out += x  # functional in-place on a captured output
+            out.mul_(2)
+            out[:, 0] = 0
+            return torch.relu_(out)
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    x = torch.randn(1, 2, 8, 8)
+    maps = fm.capture(block, x, layers="all")
+    with torch.no_grad():
+        want = block.bn(block.conv(x))
+    torch.testing.assert_close(maps["bn"].tensor, want)
+
+
+def test_repeated_module_gets_one_entry_per_call():
+    torch.manual_seed(0)
+    model = get_model("resnet18", weights=None).eval()
+    maps = fm.capture(model, torch.randn(1, 3, 64, 64), layers="layer1.0.relu")
+    assert maps.names == ["layer1.0.relu", "layer1.0.relu#2"]
+    assert [e.call for e in maps.entries] == [1, 2]
+
+
+class Boom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        self.conv(x)
+        raise RuntimeError("boom")
+
+
+def test_hooks_removed_and_flags_restored_when_forward_raises():
+    model = Boom().train()
+    model.conv.eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        fm.capture(model, torch.randn(1, 3, 8, 8), layers="conv")
+    assert not model.conv._forward_hooks and not model._forward_hooks
+    assert model.training is True and model.conv.training is False
+
+
+def test_training_flags_and_hooks_untouched_after_success(tiny):
+    tiny.train()
+    tiny.features[0].eval()
+    before = {n: m.training for n, m in tiny.named_modules()}
+    fm.capture(tiny, torch.randn(1, 3, 16, 16), layers="all")
+    assert {n: m.training for n, m in tiny.named_modules()} == before
+    assert all(not m._forward_hooks for m in tiny.modules())
+
+
+def test_non_tensor_outputs_are_skipped_with_a_note():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x * 2
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+            self.pair = Pair()
+
+        def forward(self, x):
+            a, b = self.pair(self.conv(x))
+            return a + b
+
+    maps = fm.capture(Net().eval(), torch.randn(1, 3, 8, 8), layers="all")
+    assert maps.names == ["conv"]
+    assert any("pair" in n and "tuple" in n for n in maps.notes)
+
+
+@pytest.mark.parametrize("method", ["mean", "max", "l2", "std"])
+def test_reduction_in_hook_matches_reduction_afterwards(tiny, method):
+    x = torch.randn(1, 3, 16, 16)
+    full = fm.capture(tiny, x, layers="conv")
+    red = fm.capture(tiny, x, layers="conv", reduce=method)
+    for name in full:
+        assert red[name].tensor.shape == (1, 16 if name == "features.0" else 8, 16 if name == "features.0" else 8)
+        torch.testing.assert_close(torch.from_numpy(red[name].reduced(method)), torch.from_numpy(full[name].reduced(method)))
+        assert red[name].stats == full[name].stats  # numbers of the full output, kept in the hook
+        assert red[name].shape == full[name].shape
+    ref = full["features.0"].tensor[0]
+    want = {"mean": ref.mean(0), "max": ref.amax(0), "l2": ref.pow(2).sum(0).sqrt(), "std": ref.std(0, correction=0)}[method]
+    torch.testing.assert_close(red["features.0"].tensor[0], want)
+
+
+def test_topk_keeps_the_strongest_channels(tiny):
+    x = torch.randn(1, 3, 16, 16)
+    full = fm.capture(tiny, x, layers="features.3")
+    top = fm.capture(tiny, x, layers="features.3", reduce="topk:2:max")
+    scores = full["features.3"].tensor[0].amax(dim=(1, 2))
+    want = torch.topk(scores, 2).indices.tolist()
+    assert list(top["features.3"].channels) == want
+    torch.testing.assert_close(top["features.3"].tensor, full["features.3"].tensor[:, want])
+
+
+def test_early_stop_skips_the_classifier_once_the_schedule_is_known():
+    torch.manual_seed(0)
+    model = get_model("vgg11", weights=None).eval()
+    calls = []
+    handle = model.classifier.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        x = torch.randn(1, 3, 64, 64)
+        first = fm.capture(model, x, layers="conv")
+        second = fm.capture(model, x, layers="conv")
+        assert len(calls) == 1, "the second capture must stop after the last conv"
+        for name in first:
+            torch.testing.assert_close(first[name].tensor, second[name].tensor)
+        fm.capture(model, x, layers="conv", stop_early=False)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+    assert model in _SCHEDULES
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("conv", ["features.0", "features.3"]),
+        ("relu", ["features.1", "features.4"]),
+        ("pool", ["features.2", "features.5", "pool"]),
+        ("linear", ["classifier"]),
+        ("features.*", [f"features.{i}" for i in range(6)]),
+        ("conv,linear", ["features.0", "features.3", "classifier"]),
+        (["features", "name:pool"], ["features", "pool"]),
+    ],
+)
+def test_layer_selection(tiny, spec, expected):
+    assert fm.select_layers(tiny, spec) == expected
+
+
+def test_unknown_layer_names_get_close_matches(tiny):
+    with pytest.raises(LayerError, match=r"no layer named 'features\.33'; did you mean features\.3"):
+        fm.select_layers(tiny, "features.33")
+    with pytest.raises(LayerError, match="pattern 'blocks.*' matches no layer"):
+        fm.select_layers(tiny, "blocks.*")
+    with pytest.raises(LayerError, match="has no norm layers"):
+        fm.select_layers(tiny, "norm")
+    with pytest.raises(LayerError, match="unknown mode 'relu'"):
+        fm.capture(tiny, torch.randn(1, 3, 8, 8), mode="relu")
+
+
+def test_results_are_ordered_immutable_and_keyed(tiny):
+    maps = fm.capture(tiny, torch.randn(1, 3, 16, 16), layers="all")
+    assert maps.names == fm.select_layers(tiny, "all")
+    assert [e.index for e in maps.entries] == list(range(len(maps)))
+    assert maps[0] is maps["features.0"]
+    with pytest.raises(AttributeError):
+        maps["features.0"].name = "x"  # type: ignore[misc]
+    with pytest.raises(LayerError, match="did you mean features.0"):
+        maps["features.00"]
+    assert maps["features.0"].maps().shape == (4, 16, 16)
+    assert maps.select(kind="conv").names == ["features.0", "features.3"]
+
+
+def test_stats_are_exact_on_a_known_tensor():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(x)
+
+    x = torch.tensor([[[[-1.0, 2.0], [0.0, 3.0]], [[-1.0, -2.0], [-3.0, -4.0]]]])  # (1, 2, 2, 2)
+    stats = fm.capture(Fixed(), x, layers="all")["act"].stats
+    assert stats.shape == (1, 2, 2, 2)
+    assert (stats.min, stats.max) == (0.0, 3.0)
+    assert stats.mean == pytest.approx(5 / 8)
+    assert stats.zero_fraction == pytest.approx(6 / 8)
+    assert stats.dead_fraction == 0.5  # the second channel is all zero
+    assert stats.std == pytest.approx(torch.tensor([0, 2, 0, 3, 0, 0, 0, 0.0]).std(correction=0).item())
+
+
+def test_list_layers_reports_shapes_and_parameters(tiny):
+    rows = fm.list_layers(tiny, size=16)
+    assert [r.name for r in rows] == fm.select_layers(tiny, "all")
+    first = rows[0]
+    assert (first.kind, first.type, first.output_shape, first.parameters) == ("conv", "Conv2d", (1, 4, 16, 16), 4 * 3 * 9 + 4)
+    assert rows[-1].output_shape == (1, 5)
+    assert all(not m._forward_hooks for m in tiny.modules())

@@ -1,0 +1,188 @@
+"""Loading models: registry names, weights (random, checkpoint, pretrained via the cache, offline),
+user models, preprocessing, devices."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.models import get_model
+
+import featuremaps as fm
+from featuremaps.errors import ImageError, ModelError, WeightsUnavailableError
+from featuremaps.models import weights_file
+
+
+def test_registry_has_the_seed_models_and_no_hand_written_table():
+    names = fm.list_models()
+    assert {"vgg16", "vgg16_bn", "alexnet", "resnet50", "convnext_tiny"} <= set(names)
+    assert "fasterrcnn_resnet50_fpn" not in names  # classifiers only
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ModelError, match=r"unknown model 'vgg61'; did you mean vgg19, vgg16"):
+        fm.load_model("vgg61", weights="random")
+
+
+def test_random_weights_are_seeded_and_labelled():
+    a = fm.load_model("alexnet", weights="random", seed=3)
+    b = fm.load_model("alexnet", weights="random", seed=3)
+    c = fm.load_model("alexnet", weights="random", seed=4)
+    wa, wb, wc = (m.module.features[0].weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert a.weights == "random(seed=3)" and a.pretrained is False
+    assert a.module.training is False
+
+
+def test_preprocessing_comes_from_the_weights_and_resizes_without_crop():
+    m = fm.load_model("vgg16", weights="random")
+    pre = m.preprocessing
+    assert pre.size == (224, 224)
+    assert pre.mean == pytest.approx((0.485, 0.456, 0.406)) and pre.std == pytest.approx((0.229, 0.224, 0.225))
+    assert fm.load_model("inception_v3", weights="random").preprocessing.size == (299, 299)
+    from PIL import Image
+
+    img = Image.new("RGB", (400, 100), (255, 0, 0))
+    x, resized = pre(img)
+    assert resized.size == (224, 224) and x.shape == (1, 3, 224, 224)
+    # a pure red picture, normalised: ((1 - mean) / std, (0 - mean) / std, ...) everywhere: no crop, no padding
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225]))
+    assert torch.all(x[0, 0] == x[0, 0, 0, 0])
+    assert m.with_size(96).preprocessing.size == (96, 96)
+    assert m.with_size((64, 128)).preprocessing.size == (64, 128)
+
+
+def test_too_small_sizes_and_images_are_refused():
+    m = fm.load_model("vgg16", weights="random")
+    with pytest.raises(ModelError, match=r"input size 16x16 is smaller than this model's minimum 32x32"):
+        m.with_size(16)
+    from PIL import Image
+
+    with pytest.raises(ImageError, match=r"image is 20x20 pixels; this model needs at least 32x32"):
+        fm.capture(m, Image.new("RGB", (20, 20)))
+
+
+def test_checkpoint_round_trip_pth_and_safetensors(tmp_path):
+    src = fm.load_model("alexnet", weights="random", seed=7).module
+    pth, st = tmp_path / "alex.pth", tmp_path / "alex.safetensors"
+    torch.save({"state_dict": src.state_dict()}, pth)
+    save_file(src.state_dict(), str(st))
+    for path in (pth, st):
+        m = fm.load_model("alexnet", weights=str(path))
+        assert m.pretrained is True and m.weights == f"checkpoint:{path}"
+        for k, v in src.state_dict().items():
+            assert torch.equal(m.module.state_dict()[k], v), k
+
+
+def test_dataparallel_prefix_is_stripped(tmp_path):
+    src = fm.load_model("alexnet", weights="random", seed=1).module
+    path = tmp_path / "dp.pt"
+    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, path)
+    m = fm.load_model("alexnet", weights=path)
+    assert torch.equal(m.module.features[0].weight, src.features[0].weight)
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/featuremaps-pwned",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"weight": Evil()}, f)
+    if os.path.exists("/tmp/featuremaps-pwned"):
+        os.remove("/tmp/featuremaps-pwned")
+    with pytest.raises(ModelError, match="refusing to load evil.pth: it holds Python objects"):
+        fm.load_model("alexnet", weights=str(path))
+    assert not os.path.exists("/tmp/featuremaps-pwned")
+
+
+def test_bad_checkpoints_have_clear_errors(tmp_path):
+    with pytest.raises(ModelError, match="checkpoint .*missing.pth' not found"):
+        fm.load_model("alexnet", weights=str(tmp_path / "missing.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="junk.pth"):
+        fm.load_model("alexnet", weights=str(junk))
+    other = tmp_path / "resnet.pth"
+    torch.save(get_model("resnet18").state_dict(), other)
+    with pytest.raises(ModelError, match=r"resnet.pth does not fit alexnet: \d+ missing"):
+        fm.load_model("alexnet", weights=str(other))
+    bad_st = tmp_path / "cut.safetensors"
+    bad_st.write_bytes(b"\x10\x00\x00")
+    with pytest.raises(ModelError, match="cannot read cut.safetensors as safetensors"):
+        fm.load_model("alexnet", weights=str(bad_st))
+
+
+def test_unknown_weights_name_lists_the_options():
+    with pytest.raises(ModelError, match=r"vgg16 has no weights 'IMAGENET9K'; use one of DEFAULT, IMAGENET1K_V1"):
+        fm.load_model("vgg16", weights="IMAGENET9K")
+
+
+def test_offline_pretrained_fails_loudly_and_never_falls_back_to_random(offline):
+    with pytest.raises(WeightsUnavailableError, match=r"vgg16/IMAGENET1K_V1 are not cached and cannot be downloaded .*put vgg16-397923af.pth into .*checkpoints.*random"):
+        fm.load_model("vgg16", weights="DEFAULT", progress=False)
+    assert fm.is_cached("vgg16") is False
+
+
+def test_pretrained_weights_load_from_the_torch_hub_cache(offline):
+    """The real loading path (weights API + cache) with a file the test writes itself: no download."""
+    enum = __import__("torchvision").models.get_model_weights("squeezenet1_1").DEFAULT
+    target = weights_file(enum)
+    assert str(target).startswith(str(offline))
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(11)
+    reference = get_model("squeezenet1_1", weights=None).state_dict()
+    torch.save(reference, target)
+    assert fm.is_cached("squeezenet1_1")
+    m = fm.load_model("squeezenet1_1", weights="DEFAULT", progress=False)
+    assert m.pretrained and m.weights == "IMAGENET1K_V1" and len(m.categories) == 1000
+    assert torch.equal(m.module.features[0].weight, reference["features.0.weight"])
+
+
+def test_user_model_from_module_attr_with_checkpoint(tmp_path, monkeypatch):
+    pkg = tmp_path / "mynets.py"
+    pkg.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True))\n"
+        "    def forward(self, x):\n        return self.features(x)\n"
+        "def make():\n    return Net()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    m = fm.load_model("mynets:Net", weights="random", seed=2)
+    assert m.name == "mynets:Net" and m.weights == "random(seed=2)"
+    ckpt = tmp_path / "net.pth"
+    torch.save(m.module.state_dict(), ckpt)
+    m2 = fm.load_model("mynets:make", weights=str(ckpt))
+    assert torch.equal(m2.module.features[0].weight, m.module.features[0].weight)
+    m3 = fm.load_model(f"{pkg}:Net", weights=str(ckpt))
+    assert torch.equal(m3.module.features[0].weight, m.module.features[0].weight)
+    maps = fm.capture(m2, torch.randn(1, 3, 8, 8))
+    assert maps.names == ["features.0"] and maps.model == "mynets:make"
+    with pytest.raises(ModelError, match="mynets:Net is your own model: torchvision has no 'DEFAULT' weights"):
+        fm.load_model("mynets:Net", weights="DEFAULT")
+    with pytest.raises(ModelError, match="'mynets' has no attribute 'Nope'"):
+        fm.load_model("mynets:Nope", weights="random")
+    with pytest.raises(ModelError, match="cannot import 'no_such_pkg.nets'"):
+        fm.load_model("no_such_pkg.nets:Net", weights="random")
+
+
+def test_devices():
+    assert fm.load_model("alexnet", weights="random", device="cpu").device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available on this machine; use --device cpu"):
+            fm.load_model("alexnet", weights="random", device="cuda")
+    with pytest.raises(ModelError, match="unknown device 'gpu9'"):
+        fm.load_model("alexnet", weights="random", device="gpu9")
+
+
+def test_a_user_module_object_is_wrapped_unchanged(tiny):
+    tiny.train()
+    m = fm.load_model(tiny)
+    assert m.module is tiny and tiny.training is True and m.weights == "as given"

@@ -1,0 +1,96 @@
+"""Run folders: written completely or not at all, and read back into the same result."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import featuremaps as fm
+from featuremaps.errors import RunError
+from featuremaps.runs import SCHEMA_VERSION, Picture, load_run, read_manifest, save_run, zip_run
+
+
+@pytest.fixture
+def maps(tiny):
+    return fm.capture(tiny, fm.edge_image(64), layers="all", size=32)
+
+
+def test_round_trip(tmp_path, maps):
+    folder = save_run(maps, tmp_path / "run")
+    back = load_run(folder)
+    assert back.names == maps.names and back.mode == maps.mode and back.weights == maps.weights
+    for a, b in zip(maps.entries, back.entries):
+        assert torch.equal(a.tensor, b.tensor) and a.stats == b.stats and a.shape == b.shape
+    assert back.image.size == (32, 32)
+    assert np.array_equal(np.asarray(back.image), np.asarray(maps.image))
+    manifest = read_manifest(folder)
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["layers"][0]["stats"]["shape"] == [1, 4, 32, 32]
+    # raw maps are plain .npy, readable without pickle
+    np.load(folder / manifest["layers"][0]["raw"], allow_pickle=False)
+
+
+def test_reduced_round_trip_keeps_reduction_and_channels(tmp_path, tiny):
+    maps = fm.capture(tiny, torch.randn(1, 3, 16, 16), layers="conv", reduce="topk:2")
+    back = load_run(save_run(maps, tmp_path / "r"))
+    assert back["features.0"].channels == maps["features.0"].channels
+    assert back["features.0"].reduction == "topk:2:mean" and back.reduction == "topk:2:mean"
+
+
+def test_existing_folder_is_kept_unless_overwrite(tmp_path, maps):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(RunError, match="already exists; choose another output folder or use --force"):
+        save_run(maps, folder)
+    assert (folder / "keep.txt").read_text() == "mine"
+    save_run(maps, folder, overwrite=True)
+    assert not (folder / "keep.txt").exists() and (folder / "manifest.json").exists()
+
+
+def test_failure_leaves_nothing_half_written(tmp_path, maps):
+    class Broken:
+        width = height = 1
+
+        def save(self, *a, **k):
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        save_run(maps, tmp_path / "run", pictures=[Picture("a.png", Broken())])  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pictures_and_files_are_listed(tmp_path, maps):
+    from PIL import Image
+
+    pic = Picture("grids/000_features.0.png", Image.new("RGB", (5, 4)), kind="grid", layer="features.0")
+    folder = save_run(maps, tmp_path / "run", pictures=[pic], files={"index.html": "<p>hi</p>"}, extra={"cmap": "viridis"})
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["pictures"] == [
+        {"path": "grids/000_features.0.png", "kind": "grid", "layer": "features.0", "caption": "", "width": 5, "height": 4}
+    ]
+    assert manifest["cmap"] == "viridis"
+    assert (folder / "index.html").read_text() == "<p>hi</p>"
+    with pytest.raises(RunError, match="must be relative and stay inside"):
+        save_run(maps, tmp_path / "x", pictures=[Picture("../evil.png", Image.new("RGB", (1, 1)))])
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(RunError, match="is not a featuremaps run folder"):
+        load_run(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(RunError, match="schema version 99; this featuremaps reads version 1"):
+        load_run(tmp_path)
+
+
+def test_zip_holds_every_file(tmp_path, maps):
+    import io
+    import zipfile
+
+    folder = save_run(maps, tmp_path / "run")
+    names = zipfile.ZipFile(io.BytesIO(zip_run(folder))).namelist()
+    assert "run/manifest.json" in names and "run/input.png" in names
+    assert sum(n.startswith("run/maps/") for n in names) == len(maps)
