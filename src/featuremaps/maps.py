@@ -57,22 +57,36 @@ def compute_stats(output: torch.Tensor, name: str, kind: str) -> LayerStats:
     if x.numel() == 0:
         nan = float("nan")
         return LayerStats(name, kind, tuple(output.shape), nan, nan, nan, nan, nan, nan)
-    lo, hi = torch.aminmax(x)
-    std, mean = torch.std_mean(x.double() if x.numel() < 2**16 else x, correction=0)
-    zeros = (x == 0).sum()
+    # Reductions only, no temporary as large as the output (this runs inside capture hooks), and
+    # few passes: per-channel min/max in one, sum and sum of squares in two fast kernels.
+    n = x.numel()
     if x.ndim >= 2:
-        per_channel_max = x.transpose(0, 1).reshape(x.shape[1], -1).amax(dim=1)
-        dead = (per_channel_max <= 0).float().mean()
+        if x.shape[0] == 1 and x.is_contiguous():
+            cmin, cmax = torch.aminmax(x.view(x.shape[1], -1), dim=1)
+        else:
+            dims = (0, *range(2, x.ndim))
+            cmin, cmax = x.amin(dim=dims), x.amax(dim=dims)
+        lo, hi = cmin.min(), cmax.max()
+        dead = (cmax <= 0).float().mean()
     else:
+        lo, hi = torch.aminmax(x)
         dead = (x <= 0).all().float()
+    if n < 2**16:
+        std_t, mean_t = torch.std_mean(x.double(), correction=0)
+        mean, std = float(mean_t), float(std_t)
+    else:
+        mean = float(x.sum(dtype=torch.float64)) / n
+        sq = float(torch.linalg.vector_norm(x)) ** 2 / n
+        std = math.sqrt(max(sq - mean * mean, 0.0))
+    zeros = n - int(torch.count_nonzero(x))
     return LayerStats(
         name=name,
         kind=kind,
         shape=tuple(int(s) for s in output.shape),
         min=float(lo),
         max=float(hi),
-        mean=float(mean),
-        std=float(std),
+        mean=mean,
+        std=std,
         zero_fraction=float(zeros) / x.numel(),
         dead_fraction=float(dead),
     )

@@ -15,6 +15,7 @@ renamed into place at the end, and removed if anything fails.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import io
 import json
@@ -23,7 +24,8 @@ import re
 import shutil
 import uuid
 import zipfile
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +46,32 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class Picture:
-    """A picture to write into a run folder, and what it shows (listed in the manifest)."""
+    """A picture to write into a run folder, and what it shows (listed in the manifest).
+
+    ``png`` may hold the already encoded file, so that a picture shown in a report and written
+    to disk is encoded once.
+    """
 
     path: str
     image: "Image.Image" = field(repr=False)
     kind: str = "picture"
     layer: str | None = None
     caption: str = ""
+    png: bytes | None = field(default=None, repr=False)
+
+    def encoded(self) -> bytes:
+        """The PNG file's bytes (fast compression)."""
+        if self.png is not None:
+            return self.png
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)  # fast: zlib's RLE mode
+        return buf.getvalue()
+
+    def with_png(self) -> "Picture":
+        """The same picture with its PNG bytes encoded and kept."""
+        from dataclasses import replace
+
+        return self if self.png is not None else replace(self, png=self.encoded())
 
 
 def safe_name(text: str) -> str:
@@ -117,9 +138,89 @@ def manifest_for(maps: FeatureMaps, *, raw: bool, pictures: Iterable[Picture] = 
     return manifest
 
 
-def _write_png(image: "Image.Image", path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG", compress_level=1)
+def _write_picture(picture: Picture, root: Path) -> None:
+    dest = root / _check_relpath(picture.path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_bytes(picture.encoded())
+
+
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+
+
+def encode_pictures(pictures: Iterable[Picture]) -> list[Picture]:
+    """The pictures with their PNG bytes, encoded a few at a time (zlib releases the GIL)."""
+    with _pool() as pool:
+        return list(pool.map(Picture.with_png, pictures))
+
+
+def write_pictures(root: Path, pictures: Iterable[Picture]) -> None:
+    """Encode (where needed) and write pictures under ``root``, a few at a time."""
+    with _pool() as pool:
+        list(pool.map(lambda p: _write_picture(p, root), pictures))
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of ``folder`` to fill; on success it replaces ``folder``,
+    on any failure it is removed and ``folder`` is left as it was.
+
+    Raises:
+        RunError: ``folder`` exists (without ``overwrite``) or cannot be written.
+    """
+    target = Path(folder)
+    if target.exists() and not overwrite:
+        raise RunError(f"{target} already exists; choose another output folder or use --force to replace it")
+    if target.exists() and not target.is_dir():
+        raise RunError(f"{target} exists and is not a folder; choose another output folder")
+    parent = target.parent
+    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        yield tmp
+        if target.exists():
+            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, RunError):
+            raise
+        raise RunError(f"cannot write {target}: {exc.strerror or exc}; check the path and free disk space") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_run(
+    maps: FeatureMaps,
+    root: Path,
+    *,
+    pictures: Iterable[Picture] = (),
+    files: Mapping[str, str | bytes] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    raw: bool = True,
+) -> None:
+    """Write a run's files into an existing (empty) folder; see :func:`save_run`."""
+    pictures = list(pictures)
+    for p in pictures:
+        _check_relpath(p.path)
+    if raw:
+        (root / "maps").mkdir(parents=True, exist_ok=True)
+        for e in maps.entries:
+            np.save(root / "maps" / f"{layer_stem(e)}.npy", e.tensor.detach().cpu().numpy(), allow_pickle=False)
+    extra_pictures = [Picture("input.png", maps.image, kind="input")] if maps.image is not None else []
+    write_pictures(root, [*pictures, *extra_pictures])
+    for rel, content in (files or {}).items():
+        dest = root / _check_relpath(rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    manifest = manifest_for(maps, raw=raw, pictures=pictures, extra=extra)
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=True), encoding="utf-8")
 
 
 def save_run(
@@ -146,48 +247,12 @@ def save_run(
     Raises:
         RunError: the folder exists (without ``overwrite``) or cannot be written.
     """
-    target = Path(folder)
-    if target.exists() and not overwrite:
-        raise RunError(f"{target} already exists; choose another output folder or use --force to replace it")
-    if target.exists() and not target.is_dir():
-        raise RunError(f"{target} exists and is not a folder; choose another output folder")
     pictures = list(pictures)
-    for p in pictures:
+    for p in pictures:  # refuse bad paths before anything is written
         _check_relpath(p.path)
-    parent = target.parent if str(target.parent) else Path(".")
-    tmp = parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-        if raw:
-            (tmp / "maps").mkdir()
-            for e in maps.entries:
-                np.save(tmp / "maps" / f"{layer_stem(e)}.npy", e.tensor.detach().cpu().numpy(), allow_pickle=False)
-        jobs = [(p.image, tmp / p.path) for p in pictures]
-        if maps.image is not None:
-            jobs.append((maps.image, tmp / "input.png"))
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            list(pool.map(lambda job: _write_png(*job), jobs))
-        for rel, content in (files or {}).items():
-            dest = tmp / _check_relpath(rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-        manifest = manifest_for(maps, raw=raw, pictures=pictures, extra=extra)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=True), encoding="utf-8")
-        if target.exists():
-            old = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RunError(f"cannot write {target}: {exc.strerror or exc}; check the path and free disk space") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        write_run(maps, tmp, pictures=pictures, files=files, extra=extra, raw=raw)
+    return Path(folder)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:

@@ -1,0 +1,218 @@
+"""Capture speed and memory, as ratios to a bare forward pass measured in the same run.
+
+    python benchmarks/capture.py            # the full table (about 5 minutes on 2 cores)
+    python benchmarks/capture.py --quick    # AlexNet and VGG16 at 224 only
+
+Time: median of interleaved repetitions in this process, after a warm-up (which also teaches
+featuremaps where each model's forward pass may stop). Peak memory: each configuration runs once in
+a fresh child process; the figure is the rise of the peak resident set size (VmHWM, reset after
+the model and input were made), so model weights are not counted.
+Random weights (seed 0): speed and memory do not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import featuremaps as fm
+
+CONFIGS = {
+    "bare forward": None,
+    "conv outputs": {"layers": "conv"},
+    "every leaf output": {"layers": "all"},
+    "every leaf, reduced (mean)": {"layers": "all", "reduce": "mean"},
+}
+
+
+def make(name: str, size: int):
+    model = fm.load_model(name, weights="random", seed=0, progress=False)
+    torch.manual_seed(0)
+    return model, torch.randn(1, 3, size, size)
+
+
+def run_config(model, x, config) -> None:
+    if config is None:
+        with torch.inference_mode():
+            model.module(x)
+    else:
+        fm.capture(model, x, **config)
+
+
+def seed_loop(model, x) -> list[torch.Tensor]:
+    """The seed's way: apply the 13 convs one after another, keeping every output."""
+    convs = [m for m in model.module.features.children() if isinstance(m, torch.nn.Conv2d)]
+    outputs = []
+    with torch.no_grad():
+        for conv in convs:
+            x = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+            outputs.append(x)
+    return outputs
+
+
+CHAIN_CONFIGS = {
+    "plain loop keeping every output (seed)": lambda m, x: seed_loop(m, x),
+    "featuremaps conv chain, full maps": lambda m, x: fm.capture(m, x, mode="conv"),
+    "featuremaps conv chain, reduced (mean)": lambda m, x: fm.capture(m, x, mode="conv", reduce="mean"),
+}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM), in MB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> None:
+    """Give freed heap back to the system and restart the peak count (Linux), so that only what
+    the measured call needs shows up."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def child(spec: str) -> None:
+    """Run one configuration once and print the rise of the peak RSS (MB)."""
+    kind, name, size, key = spec.split("|")
+    model, x = make(name, int(size))
+    reset_peak()
+    base = peak_rss_mb()
+    if kind == "capture":
+        run_config(model, x, CONFIGS[key])
+    else:
+        CHAIN_CONFIGS[key](model, x)
+    print(json.dumps({"peak_mb": peak_rss_mb() - base}))
+
+
+def measure_memory(kind: str, name: str, size: int, key: str) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", f"{kind}|{name}|{size}|{key}"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def timed(fn, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_capture(name: str, size: int, reps: int, memory: bool) -> list[dict]:
+    model, x = make(name, size)
+    for config in CONFIGS.values():  # warm-up (and schedules)
+        run_config(model, x, config)
+    samples: dict[str, list[float]] = {k: [] for k in CONFIGS}
+    for _ in range(reps):  # interleaved, so drifts of the shared machine hit every row alike
+        for key, config in CONFIGS.items():
+            samples[key] += timed(lambda: run_config(model, x, config), 1)
+    bare = statistics.median(samples["bare forward"])
+    mem = {k: measure_memory("capture", name, size, k) for k in CONFIGS} if memory else {}
+    rows = []
+    for key in CONFIGS:
+        t = statistics.median(samples[key])
+        row = {"model": f"{name} @{size}", "what": key, "seconds": t, "time_ratio": t / bare}
+        if memory:
+            row["peak_mb"] = mem[key]
+            row["mem_ratio"] = mem[key] / mem["bare forward"]
+        rows.append(row)
+    return rows
+
+
+def bench_memory_only(name: str, size: int, keys: list[str]) -> list[dict]:
+    mem = {k: measure_memory("capture", name, size, k) for k in ["bare forward", *keys]}
+    return [
+        {"model": f"{name} @{size}", "what": k, "peak_mb": mem[k], "mem_ratio": mem[k] / mem["bare forward"]}
+        for k in ["bare forward", *keys]
+    ]
+
+
+def bench_chain(size: int, reps: int) -> list[dict]:
+    model, x = make("vgg16", size)
+    samples: dict[str, list[float]] = {k: [] for k in CHAIN_CONFIGS}
+    for _ in range(reps):
+        for key, fn in CHAIN_CONFIGS.items():
+            samples[key] += timed(lambda: fn(model, x), 1)
+    base_key = next(iter(CHAIN_CONFIGS))
+    mem = {k: measure_memory("chain", "vgg16", size, k) for k in CHAIN_CONFIGS}
+    base_t = statistics.median(samples[base_key])
+    return [
+        {
+            "model": f"vgg16 @{size}",
+            "what": key,
+            "seconds": statistics.median(samples[key]),
+            "time_ratio": statistics.median(samples[key]) / base_t,
+            "peak_mb": mem[key],
+            "mem_ratio": mem[key] / mem[base_key],
+        }
+        for key in CHAIN_CONFIGS
+    ]
+
+
+def table(rows: list[dict]) -> str:
+    head = "| model | what | seconds | time / baseline | peak MB | memory / baseline |\n|---|---|---:|---:|---:|---:|"
+    lines = [head]
+    for r in rows:
+        s = f"{r['seconds']:.3f}" if "seconds" in r else "–"
+        tr = f"{r['time_ratio']:.2f}x" if "time_ratio" in r else "–"
+        pm = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "–"
+        mr = f"{r['mem_ratio']:.2f}x" if "mem_ratio" in r else "–"
+        lines.append(f"| {r['model']} | {r['what']} | {s} | {tr} | {pm} | {mr} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="AlexNet and VGG16 at 224 only")
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    torch.set_grad_enabled(True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows = []
+    jobs = [("alexnet", 224, args.reps), ("vgg16", 224, args.reps)]
+    if not args.quick:
+        jobs += [("resnet50", 224, args.reps), ("vgg16", 1024, 2)]
+    for name, size, reps in jobs:
+        rows += bench_capture(name, size, reps, memory=True)
+        print(table(rows[-len(CONFIGS):]), flush=True)
+    if not args.quick:
+        rows += bench_memory_only("vgg16", 2048, ["every leaf, reduced (mean)"])
+        print(table(rows[-2:]), flush=True)
+        print("\nThe seed's conv chain on VGG16 (baseline: the plain loop that keeps every output)", flush=True)
+        chain_rows = bench_chain(224, 2)
+        print(table(chain_rows), flush=True)
+        rows += chain_rows
+    print("\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()
