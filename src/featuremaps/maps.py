@@ -190,6 +190,26 @@ class FeatureMap:
     def _fields(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
+    # -- notebooks -------------------------------------------------------------------------------
+    def picture(self, **options: Any) -> "Image.Image":
+        """The channel grid of this layer (see :func:`featuremaps.render.channel_grid`; first 64
+        channels unless ``per_page``/``channels``/``top_k`` say otherwise)."""
+        from .render import channel_grid
+
+        options.setdefault("per_page", 64)
+        return channel_grid(self, **options)
+
+    def show(self, **options: Any):
+        """A matplotlib figure of :meth:`picture` (for notebooks and scripts)."""
+        return _figure(self.picture(**options), self.name)
+
+    def _repr_png_(self) -> bytes | None:
+        if not self.is_spatial:
+            return None
+        from .render import to_png_bytes
+
+        return to_png_bytes(self.picture())
+
     def __repr__(self) -> str:
         red = f", reduction={self.reduction!r}" if self.reduction else ""
         return f"FeatureMap({self.name!r}, kind={self.kind!r}, type={self.type!r}, shape={self.shape}{red})"
@@ -334,8 +354,39 @@ class FeatureMaps(Mapping[str, FeatureMap]):
     def reduction_spec(self) -> Reduction | None:
         return parse_reduction(self.reduction)
 
+    # -- notebooks -------------------------------------------------------------------------------
+    def picture(self, **options: Any) -> "Image.Image":
+        """One reduced map per layer (see :func:`featuremaps.render.overview`)."""
+        from .render import overview
+
+        return overview(self, **options)
+
+    def show(self, **options: Any):
+        """A matplotlib figure of :meth:`picture` (for notebooks and scripts)."""
+        return _figure(self.picture(**options), f"{self.model} · {self.mode}")
+
+    def _repr_png_(self) -> bytes | None:
+        if not any(e.is_spatial for e in self.entries):
+            return None
+        from .render import to_png_bytes
+
+        return to_png_bytes(self.picture())
+
     def __repr__(self) -> str:
         return (
             f"FeatureMaps(model={self.model!r}, weights={self.weights!r}, mode={self.mode!r}, "
             f"input_size={self.input_size}, {len(self.entries)} maps)"
         )
+
+
+def _figure(picture: "Image.Image", title: str):
+    """A matplotlib figure showing a rendered picture at its own pixel size."""
+    import matplotlib.pyplot as plt
+
+    dpi = 100
+    fig = plt.figure(figsize=(picture.width / dpi, picture.height / dpi), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(picture)
+    ax.set_axis_off()
+    fig.canvas.manager.set_window_title(title) if getattr(fig.canvas, "manager", None) else None
+    return fig

@@ -1,0 +1,177 @@
+"""The command line through typer's test runner: exit codes, files written, manifests, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import featuremaps
+from featuremaps.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def one_line_error(result, pattern: str) -> None:
+    import re
+
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_version_and_help():
+    r = run("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"featuremaps {featuremaps.__version__}"
+    r = run("show", "--help")
+    assert r.exit_code == 0
+    for option in ("--model", "--weights", "--mode", "--layers", "--reduce", "--channels", "--norm", "--cmap", "--size", "--device", "--out", "--force", "--quiet"):
+        assert option in r.stdout, option
+
+
+def test_layers_table():
+    r = run("layers", "alexnet", "--size", "64")
+    assert r.exit_code == 0, r.output
+    assert "alexnet: 21 capture points for a 64x64 input" in r.stdout
+    assert "features.0" in r.stdout and "1x64x15x15" in r.stdout and "23,296" in r.stdout  # 64*3*11*11 + 64
+
+
+def test_show_writes_a_complete_folder(tmp_path):
+    out = tmp_path / "run"
+    r = run("show", "chelsea", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert f"wrote {out}/" in r.stdout and "features.10" in r.stdout  # the stats table
+    assert "RANDOM weights" in r.stderr
+    for name in ("manifest.json", "index.html", "overview.png", "overlay.png", "side_by_side.png", "filters.png", "input.png"):
+        assert (out / name).is_file(), name
+    grids = sorted(p.name for p in (out / "grids").iterdir())
+    assert grids == ["000_features.0.png", "001_features.3.png", "002_features.6.png", "003_features.8.png", "004_features.10.png"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert (manifest["model"], manifest["weights"], manifest["mode"], manifest["pretrained"]) == ("alexnet", "random(seed=0)", "network", False)
+    assert [layer["name"] for layer in manifest["layers"]] == ["features.0", "features.3", "features.6", "features.8", "features.10"]
+    assert manifest["layers"][0]["shape"] == [1, 64, 15, 15]
+    assert set(manifest["layers"][0]["stats"]) >= {"min", "max", "mean", "std", "zero_fraction", "dead_fraction"}
+    assert manifest["render"]["norm"] == "map" and manifest["source"] == "sample:chelsea"
+    html = (out / "index.html").read_text()
+    assert "RANDOM WEIGHTS" in html and "data:image/png;base64," in html and "http" not in html.split("<body>")[1].split("featuremaps-stats")[0]
+    assert featuremaps.runs.load_run(out).names == [layer["name"] for layer in manifest["layers"]]
+
+
+def test_show_chain_mode_and_options(tmp_path):
+    out = tmp_path / "pool"
+    r = run("show", "edge", "--model", "vgg11", "--weights", "random", "--size", "32", "--mode", "conv-pool",
+            "--channels", "top4", "--norm", "global", "--cmap", "magma", "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and r.stderr == ""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mode"] == "conv-pool" and len(manifest["layers"]) == 13  # 8 convs + 5 pools
+    assert [layer["shape"][-1] for layer in manifest["layers"] if layer["kind"] == "pool"] == [16, 8, 4, 2, 1]
+
+
+def test_existing_folder_needs_force(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    r = run("show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out))
+    one_line_error(r, "already exists; choose another --out or use --force")
+    assert (out / "mine.txt").read_text() == "keep"
+    r = run("show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out), "--force", "-q")
+    assert r.exit_code == 0 and not (out / "mine.txt").exists() and (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--model", "vgg61"], r"unknown model 'vgg61'; did you mean vgg19, vgg16"),
+        (["--model", "resnet18", "--mode", "conv"], r"resnet18 has no plain sequential conv stack.*use mode 'network'"),
+        (["--mode", "sideways"], r"unknown mode 'sideways'"),
+        (["--norm", "loud"], r"norm"),
+        (["--cmap", "no_such_map"], r"no_such_map"),
+        (["--channels", "x-y"], r"cannot read channels 'x-y'; use all, top16, 0-63 or 3,7,9"),
+        (["--layers", "features.99"], r"no layer named 'features.99'"),
+        (["--weights", "nope.pth"], r"checkpoint 'nope.pth' not found"),
+        (["--device", "cuda"], r"CUDA is not available|cuda"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(tmp_path, args, pattern):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    base = ["show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out)]
+    r = run(*base, *args)
+    one_line_error(r, pattern)
+    assert list(tmp_path.iterdir()) == [], "nothing may be left behind"
+
+
+@pytest.mark.parametrize(
+    "content,pattern",
+    [(b"", r"empty"), (b"hello, I am text", r"not an image"), (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", r"truncated|corrupt|cannot")],
+)
+def test_bad_images(tmp_path, content, pattern):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(content)
+    r = run("show", str(bad), "--model", "alexnet", "--weights", "random", "--out", str(tmp_path / "run"))
+    one_line_error(r, r"bad\.png.*(" + pattern + ")")
+    assert not (tmp_path / "run").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.png"]
+
+
+def test_missing_image_and_usage_errors(tmp_path):
+    one_line_error(run("show", str(tmp_path / "nope.jpg"), "--weights", "random"), r"nope.jpg.*not found")
+    r = run("show", "edge", "--bogus-option")
+    assert r.exit_code == 2
+
+
+def test_offline_pretrained_is_a_clear_error(offline, tmp_path):
+    r = run("show", "edge", "--model", "alexnet", "--out", str(tmp_path / "run"))
+    one_line_error(r, r"alexnet/IMAGENET1K_V1 are not cached and cannot be downloaded.*--weights random")
+
+
+def test_compare_models_and_modes(tmp_path):
+    out = tmp_path / "cmp"
+    r = run("compare", "chelsea", "--models", "alexnet,vgg11", "--weights", "random", "--size", "64", "--out", str(out), "-q")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "comparison" and [e["label"] for e in manifest["runs"]] == ["alexnet", "vgg11"]
+    assert (out / "compare.png").is_file() and (out / "alexnet" / "manifest.json").is_file()
+    assert len(featuremaps.runs.load_run(out / "vgg11")) == 8
+    out2 = tmp_path / "modes"
+    r = run("compare", "edge", "--modes", "conv,conv-relu,conv-pool", "--model", "vgg11", "--weights", "random", "--size", "32", "--out", str(out2), "-q")
+    assert r.exit_code == 0, r.output
+    assert [e["mode"] for e in json.loads((out2 / "manifest.json").read_text())["runs"]] == ["conv", "conv-relu", "conv-pool"]
+    one_line_error(run("compare", "edge", "--out", str(tmp_path / "x")), "give either --models A,B or --modes")
+
+
+def test_demo_offline_says_random_loudly(offline, tmp_path):
+    out = tmp_path / "demo"
+    r = run("demo", "--out", str(out), "--size", "64")
+    assert r.exit_code == 0, r.output
+    assert "RANDOM weights" in r.stderr and "not cached and cannot be downloaded" in r.stderr
+    html = (out / "index.html").read_text()
+    assert "<title>featuremaps demo: what VGG16 sees — RANDOM WEIGHTS" in html
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pretrained"] is False and manifest["kind"] == "demo"
+    assert len(manifest["runs"]["chain conv"]["layers"]) == 13 and len(manifest["runs"]["chain conv-pool"]["layers"]) == 18
+    for name in ("chains_compare.png", "edge_vs_layer13.png", "vgg16_vs_alexnet.png", "filters_vgg16_conv1.png", "network_edge_overview.png"):
+        assert (out / name).is_file(), name
+
+
+def test_serve_is_a_thin_shell(monkeypatch):
+    import featuremaps.web as web
+
+    seen = {}
+    monkeypatch.setattr(web, "serve", lambda **kw: seen.update(kw))
+    r = run("serve", "--port", "8123", "--models", "alexnet,vgg16", "--weights", "random")
+    assert r.exit_code == 0, r.output
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["models"] == ["alexnet", "vgg16"] and seen["weights"] == ["random"]
+    one_line_error(run("serve", "--checkpoint", "broken"), "--checkpoint takes NAME=PATH")
