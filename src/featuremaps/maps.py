@@ -75,7 +75,7 @@ def compute_stats(output: torch.Tensor, name: str, kind: str) -> LayerStats:
         std_t, mean_t = torch.std_mean(x.double(), correction=0)
         mean, std = float(mean_t), float(std_t)
     else:
-        mean = float(x.sum(dtype=torch.float64)) / n
+        mean = float(x.sum()) / n  # float32 cascade sum: no float64 copy of the whole output
         sq = float(torch.linalg.vector_norm(x)) ** 2 / n
         std = math.sqrt(max(sq - mean * mean, 0.0))
     zeros = n - int(torch.count_nonzero(x))
