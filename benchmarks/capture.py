@@ -21,10 +21,9 @@ import subprocess
 import sys
 import time
 
+import featuremaps as fm  # first, as the CLI does: it turns on PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE)
 import torch
 import torch.nn.functional as F
-
-import featuremaps as fm
 
 CONFIGS = {
     "bare forward": None,
@@ -196,7 +195,8 @@ def main() -> None:
         child(args.child)
         return
     torch.set_grad_enabled(True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}", flush=True)
     rows = []
     jobs = [("alexnet", 224, args.reps), ("vgg16", 224, args.reps)]
     if not args.quick:

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import featuremaps  # noqa: F401  (first, as the CLI does: huge-page allocation)
 import numpy as np
 import torch
 import torchvision

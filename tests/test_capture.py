@@ -284,3 +284,39 @@ def test_list_layers_reports_shapes_and_parameters(tiny):
     assert (first.kind, first.type, first.output_shape, first.parameters) == ("conv", "Conv2d", (1, 4, 16, 16), 4 * 3 * 9 + 4)
     assert rows[-1].output_shape == (1, 5)
     assert all(not m._forward_hooks for m in tiny.modules())
+
+
+class ViewThenInplace(nn.Module):
+    """Holds a view of a conv output across an in-place ReLU: the view must see the ReLU's result."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.conv(x)
+        first = out[:, :1]
+        out = self.act(out)
+        out += 1  # functional in-place on a captured output too
+        return out * first
+
+
+@pytest.mark.parametrize("arch", ["view", "resnet18", "densenet121", "vgg11"])
+def test_capture_does_not_change_what_the_model_computes(arch):
+    torch.manual_seed(0)
+    model = ViewThenInplace().eval() if arch == "view" else get_model(arch, weights=None).eval()
+    x = torch.randn(1, 3, 32 if arch != "view" else 8, 32 if arch != "view" else 8)
+    with torch.no_grad():
+        want = model(x)
+    got = []
+    handle = model.register_forward_hook(lambda m, i, o: got.append(o.clone()))
+    try:
+        maps = fm.capture(model, x, layers="all", stop_early=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got[0], want, rtol=0, atol=0)
+    if arch == "view":
+        with torch.no_grad():
+            torch.testing.assert_close(maps["conv"].tensor, model.conv(x))
+        assert maps["conv"].tensor.min() < 0

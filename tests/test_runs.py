@@ -94,3 +94,16 @@ def test_zip_holds_every_file(tmp_path, maps):
     names = zipfile.ZipFile(io.BytesIO(zip_run(folder))).namelist()
     assert "run/manifest.json" in names and "run/input.png" in names
     assert sum(n.startswith("run/maps/") for n in names) == len(maps)
+
+
+def test_zip_streams_to_a_file_and_stores_pngs(tmp_path, maps):
+    import zipfile
+
+    folder = save_run(maps, tmp_path / "run")
+    dest = tmp_path / "run.zip"
+    assert zip_run(folder, dest) is None
+    with zipfile.ZipFile(dest) as zf:
+        info = {i.filename: i for i in zf.infolist()}
+        assert info["run/input.png"].compress_type == zipfile.ZIP_STORED
+        assert info["run/manifest.json"].compress_type == zipfile.ZIP_DEFLATED
+        assert json.loads(zf.read("run/manifest.json"))["schema_version"] == SCHEMA_VERSION

@@ -191,8 +191,36 @@ class _Slot:
     owned: bool  # True once it is our own copy (or a reduction), safe from the model
 
 
+# In-place ops that have an out-of-place twin with the same result: ``relu_`` -> ``relu`` ...
+_SWAPPABLE = frozenset({"relu_", "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min_", "hardtanh_", "sigmoid_", "tanh_",
+                        "__iadd__", "__isub__", "__imul__", "__itruediv__"})  # fmt: skip
+_DUNDER_TWIN = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__"}
+
+
+def _out_of_place(func: Callable, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
+    """The same op without writing into ``args[0]``, or None when there is no safe twin."""
+    if kwargs.get("inplace") is True:
+        return lambda: func(*args, **{**kwargs, "inplace": False})
+    name = getattr(func, "__name__", "")
+    if getattr(func, "__module__", "") == "torch.nn.functional":
+        pos = _inplace_position(func)
+        if 0 < pos < len(args) and args[pos] is True:
+            return lambda: func(*args[:pos], False, *args[pos + 1 :], **kwargs)
+        return None
+    if name in _SWAPPABLE and "out" not in kwargs:
+        twin = getattr(torch.Tensor, _DUNDER_TWIN.get(name, name.rstrip("_")), None)
+        if twin is not None:
+            return lambda: twin(*args, **kwargs)
+    return None
+
+
 class _CopyOnWrite(TorchFunctionMode):
-    """Copies a captured output just before an in-place op writes into its storage."""
+    """Keeps captured outputs intact when an in-place op is about to write into them.
+
+    Cheapest first: when the written tensor has no other views, the op runs out of place and the
+    tensor is re-pointed at the result (``set_``), so the captured output keeps the old memory and
+    nothing is copied; otherwise the captured output is copied first.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -204,11 +232,47 @@ class _CopyOnWrite(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.watched:
-            for t in _written_tensors(func, args, kwargs):
-                for slot in self.watched.pop(_storage_key(t), ()):
+            written = _written_tensors(func, args, kwargs)
+            for t in written:
+                slots = self.watched.pop(_storage_key(t), None)
+                if not slots:
+                    continue
+                if len(written) == 1 and t is args[0]:
+                    result = self._swap(func, args, kwargs, t, slots)
+                    if result is not None:
+                        return result
+                for slot in slots:
                     slot.tensor = slot.tensor.clone()
                     slot.owned = True
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _swap(func: Callable, args: tuple, kwargs: dict, t: torch.Tensor, slots: list[_Slot]) -> torch.Tensor | None:
+        """Run the op out of place and re-point ``t`` at the result, if that is safe."""
+        if t._base is not None:  # a view: writing through it is what the model means
+            return None
+        # Only ``t`` and our own slot tensors may share this memory (plus the wrapper of this call).
+        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) != 2 + len(slots):
+            return None
+        make = _out_of_place(func, args, kwargs)
+        if make is None:
+            return None
+        result = make()
+        if not isinstance(result, torch.Tensor) or result.shape != t.shape or result.dtype != t.dtype or result.device != t.device:
+            for slot in slots:  # no twin after all: copy, then write the result in place
+                slot.tensor = slot.tensor.clone()
+                slot.owned = True
+            return t.copy_(result) if isinstance(result, torch.Tensor) else None
+        try:
+            t.set_(result)
+        except RuntimeError:  # e.g. a tensor made by .detach() cannot be re-pointed
+            for slot in slots:
+                slot.tensor = slot.tensor.clone()
+                slot.owned = True
+            return t.copy_(result)
+        for slot in slots:
+            slot.owned = True  # the slot holds the old memory, which nothing else can reach now
+        return t
 
 
 def _storage_key(t: torch.Tensor) -> int:

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -319,13 +319,20 @@ def load_run(folder: str | os.PathLike) -> FeatureMaps:
     )
 
 
-def zip_run(folder: str | os.PathLike) -> bytes:
-    """The whole run folder as a zip archive (for downloads)."""
+def zip_run(folder: str | os.PathLike, dest: str | os.PathLike | BinaryIO | None = None) -> bytes | None:
+    """The whole run folder as a zip archive: written to ``dest`` (a path or binary file) and
+    streamed file by file, or returned as bytes when ``dest`` is None (small runs only).
+
+    PNGs and raw maps are stored as they are (PNGs are compressed already, and deflating hundreds
+    of MB of floats costs far more time than it saves); text files are deflated.
+    """
     root = Path(folder)
     read_manifest(root)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    target: Any = io.BytesIO() if dest is None else dest
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for path in sorted(root.rglob("*")):
             if path.is_file():
-                zf.write(path, arcname=f"{root.name}/{path.relative_to(root).as_posix()}")
-    return buf.getvalue()
+                stored = path.suffix in (".png", ".npy")
+                zf.write(path, arcname=f"{root.name}/{path.relative_to(root).as_posix()}",
+                         compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    return target.getvalue() if dest is None else None

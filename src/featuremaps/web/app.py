@@ -69,6 +69,7 @@ import contextlib
 import hashlib
 import json
 import mimetypes
+import os
 import shutil
 import tempfile
 import weakref
@@ -80,6 +81,7 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.staticfiles import StaticFiles
@@ -635,10 +637,10 @@ def _routes(app: FastAPI, viewer: Viewer, renderer: T.Tiles) -> None:
         if job.state != "done":
             raise NotReady(f"run {run_id} is {job.state}; its folder can be downloaded once it is done")
         folder = viewer.folder(run_id)
-        data = await run_in_threadpool(_zip, folder)
+        path = await run_in_threadpool(_zip, folder)
         model = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(job.info.get("model") or "run"))[:40]
         mode = str(job.info.get("mode") or "")
-        return Response(data, media_type="application/zip", headers={
+        return FileResponse(path, media_type="application/zip", background=BackgroundTask(os.remove, path), headers={
             "Content-Disposition": f'attachment; filename="featuremaps-{model}-{mode}-{run_id}.zip"',
             "Cache-Control": "private, max-age=3600",
         })
@@ -700,10 +702,20 @@ def _routes(app: FastAPI, viewer: Viewer, renderer: T.Tiles) -> None:
         return cached(request, f"cmap|{view.cmap}", "image/png", lambda: png(T.cmap_strip(view.cmap)))
 
 
-def _zip(folder: Path) -> bytes:
+def _zip(folder: Path) -> str:
+    """The run folder zipped into a temporary file (streamed from disk, never held in memory)."""
+    import tempfile
+
     from ..runs import zip_run
 
-    return zip_run(folder)
+    fd, path = tempfile.mkstemp(prefix="featuremaps-", suffix=".zip")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            zip_run(folder, f)
+    except BaseException:
+        os.remove(path)
+        raise
+    return path
 
 
 def _json_bytes(obj: Any) -> bytes:
