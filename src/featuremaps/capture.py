@@ -4,10 +4,11 @@ forward hooks on the chosen modules, recording what each call returned.
 Guarantees:
 - every hook handle is removed and every ``training`` flag restored in ``finally``, also when the
   forward pass raises; ``inplace`` flags are never touched, the model leaves unchanged;
-- in-place operations cannot corrupt a captured output: outputs are kept by reference and copied
-  (once) just before an in-place op is about to write into them (copy-on-write, watched through a
-  ``TorchFunctionMode``); a version-counter check after the pass catches anything that slipped by
-  and captures again with plain copies;
+- in-place operations cannot corrupt a captured output: outputs are kept by reference, and an
+  in-place op about to write into one (watched through a ``TorchFunctionMode``) runs out of place
+  with the model's tensor re-pointed at the result, or, when other views share that memory, the
+  captured output is copied first; a version-counter check after the pass catches anything that
+  slipped by and captures again with plain copies;
 - with a reduction, the hook keeps only the reduced map (and the layer's numbers), so full maps are
   never held;
 - the pass stops right after the last call of the last requested module (known from an earlier
