@@ -21,9 +21,10 @@ import subprocess
 import sys
 import time
 
-import featuremaps as fm  # first, as the CLI does: it turns on PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE)
 import torch
 import torch.nn.functional as F
+
+import featuremaps as fm  # first, as the CLI does: it turns on PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE)
 
 CONFIGS = {
     "bare forward": None,

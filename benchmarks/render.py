@@ -27,14 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import featuremaps  # noqa: F401  (first, as the CLI does: huge-page allocation)
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
 
+import featuremaps  # noqa: F401  (first, as the CLI does: huge-page allocation)
 from featuremaps.maps import FeatureMap, FeatureMaps
 from featuremaps.render import render_layer_grids
+
 
 def input_tensor(size: int = 224) -> torch.Tensor:
     """The bundled cat photo, resized and normalized like ImageNet."""

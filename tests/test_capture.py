@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models import get_model
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models.feature_extraction import (
+    create_feature_extractor,
+    get_graph_node_names,
+)
 
 import featuremaps as fm
 from featuremaps.capture import _SCHEDULES
@@ -320,3 +323,14 @@ def test_capture_does_not_change_what_the_model_computes(arch):
         with torch.no_grad():
             torch.testing.assert_close(maps["conv"].tensor, model.conv(x))
         assert maps["conv"].tensor.min() < 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_capture_matches_cpu_and_stays_on_the_device():
+    cpu = fm.load_model("vgg11", weights="random", device="cpu")
+    gpu = fm.load_model("vgg11", weights="random", device="cuda")
+    x = torch.randn(1, 3, 64, 64)
+    a, b = fm.capture(cpu, x, layers="all"), fm.capture(gpu, x, layers="all")
+    assert all(e.tensor.device.type == "cuda" for e in b.entries)
+    for name in a:
+        torch.testing.assert_close(b[name].tensor.cpu(), a[name].tensor, rtol=1e-3, atol=1e-3)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from featuremaps import render as R
 from featuremaps.errors import FeatureMapsError
 from featuremaps.maps import FeatureMap, FeatureMaps
-from featuremaps import render as R
 from featuremaps.render import RenderError
 
 

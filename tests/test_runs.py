@@ -10,7 +10,14 @@ import torch
 
 import featuremaps as fm
 from featuremaps.errors import RunError
-from featuremaps.runs import SCHEMA_VERSION, Picture, load_run, read_manifest, save_run, zip_run
+from featuremaps.runs import (
+    SCHEMA_VERSION,
+    Picture,
+    load_run,
+    read_manifest,
+    save_run,
+    zip_run,
+)
 
 
 @pytest.fixture

@@ -93,23 +93,6 @@ def forward_passes(client: TestClient) -> int:
 # --------------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_downloads(monkeypatch, tmp_path):
-    """An empty torch hub cache (TORCH_HOME in tmp_path) and downloads that fail at once with URLError."""
-    import urllib.error
-
-    import torch.hub
-    import torchvision.models._api as tv_api
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("network is unreachable (test)")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(tv_api, "load_state_dict_from_url", refuse, raising=False)
-    return tmp_path / "torch-home"
 
 
 @pytest.fixture(scope="module")
@@ -500,7 +483,7 @@ def test_compare_two_runs(client, run):
 # --------------------------------------------------------------------------------------------------
 # separate apps: limits, offline weights, eviction, checkpoints, serve()
 # --------------------------------------------------------------------------------------------------
-def test_pretrained_weights_offline_fail_with_the_library_message(no_downloads, tmp_path):
+def test_pretrained_weights_offline_fail_with_the_library_message(offline, tmp_path):
     app = create_app(models=("alexnet",), weights=("DEFAULT", "random"), run_dir=tmp_path / "runs")
     with TestClient(app) as c:
         options = c.get("/api/options").json()

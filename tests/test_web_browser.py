@@ -60,23 +60,6 @@ def server(tmp_path_factory):
         yield app, url
 
 
-@pytest.fixture
-def no_downloads(monkeypatch, tmp_path):
-    """An empty torch hub cache (TORCH_HOME in tmp_path) and downloads that fail at once with URLError."""
-    import urllib.error
-
-    import torch.hub
-    import torchvision.models._api as tv_api
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def refuse(*args, **kwargs):
-        raise urllib.error.URLError("network is unreachable (test)")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(tv_api, "load_state_dict_from_url", refuse, raising=False)
-    return tmp_path / "torch-home"
 
 
 @pytest.fixture
@@ -294,7 +277,7 @@ def test_vgg16_thumbnails_appear_about_a_second_after_the_forward_pass(server, p
     assert delay < 1.5
 
 
-def test_pretrained_weights_unavailable_offline_is_shown(browser, no_downloads, tmp_path):
+def test_pretrained_weights_unavailable_offline_is_shown(browser, offline, tmp_path):
     app = create_app(models=("alexnet",), weights=("DEFAULT", "random"), run_dir=tmp_path / "runs")
     context = browser.new_context(viewport=VIEWPORT)
     try:

@@ -22,10 +22,24 @@ if "torch" not in _sys.modules:
 
 from .capture import MODES, LayerInfo, capture, kind_of, list_layers, select_layers
 from .chains import CHAINS, find_conv_stack
-from .errors import FeatureMapsError, ImageError, LayerError, ModelError, RunError, WeightsUnavailableError
+from .errors import (
+    FeatureMapsError,
+    ImageError,
+    LayerError,
+    ModelError,
+    RunError,
+    WeightsUnavailableError,
+)
 from .images import edge_image, list_samples, load_image
 from .maps import KINDS, FeatureMap, FeatureMaps, LayerStats, StatsTable
-from .models import Model, Preprocessing, is_cached, list_models, load_model, read_state_dict
+from .models import (
+    Model,
+    Preprocessing,
+    is_cached,
+    list_models,
+    load_model,
+    read_state_dict,
+)
 from .reduce import REDUCTIONS, Reduction, parse_reduction
 
 __all__ = [

@@ -13,7 +13,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from . import __version__
@@ -209,8 +215,8 @@ def show_cmd(
     """Capture IMAGE's feature maps and write pictures, numbers and an HTML report to --out."""
     from .capture import capture
     from .images import describe_source
-    from .report import parse_channels, save_show
     from .render import parse_norm
+    from .report import parse_channels, save_show
 
     with _user_errors():
         parse_channels(channels), parse_norm(norm)  # fail before any work

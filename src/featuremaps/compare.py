@@ -12,7 +12,14 @@ from typing import Any
 
 from .errors import FeatureMapsError
 from .maps import FeatureMaps
-from .runs import SCHEMA_VERSION, Picture, atomic_folder, encode_pictures, write_pictures, write_run
+from .runs import (
+    SCHEMA_VERSION,
+    Picture,
+    atomic_folder,
+    encode_pictures,
+    write_pictures,
+    write_run,
+)
 
 
 def run_comparison(

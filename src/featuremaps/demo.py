@@ -22,7 +22,14 @@ from pathlib import Path
 
 from .errors import WeightsUnavailableError
 from .maps import FeatureMaps
-from .runs import SCHEMA_VERSION, Picture, atomic_folder, encode_pictures, manifest_for, write_pictures
+from .runs import (
+    SCHEMA_VERSION,
+    Picture,
+    atomic_folder,
+    encode_pictures,
+    manifest_for,
+    write_pictures,
+)
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
 

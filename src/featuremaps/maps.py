@@ -388,5 +388,5 @@ def _figure(picture: "Image.Image", title: str):
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(picture)
     ax.set_axis_off()
-    fig.canvas.manager.set_window_title(title) if getattr(fig.canvas, "manager", None) else None
+    ax.set_title(title, fontsize=9, loc="left")
     return fig

@@ -216,9 +216,7 @@ def show_report(maps, pictures: Sequence[Picture], *, source: str = "") -> str:
 
 def save_show(maps, folder, *, model=None, source: str = "", overwrite: bool = False, raw: bool = True, progress=None, **options):
     """Write the whole ``show`` folder: pictures, ``index.html``, ``manifest.json``, raw maps."""
-    from .runs import save_run
-
-    from .runs import encode_pictures
+    from .runs import encode_pictures, save_run
 
     pictures = encode_pictures(show_pictures(maps, model=model, progress=progress, **options))
     html_text = show_report(maps, pictures, source=source)

@@ -94,7 +94,15 @@ from ..images import list_samples, load_image
 from ..models import is_cached, is_user_spec, list_models
 from ..reduce import REDUCTIONS
 from . import tiles as T
-from .jobs import LAYER_CHOICES, LAYER_SPEC_RE, Busy, NotReady, RunRequest, UnknownRun, Viewer
+from .jobs import (
+    LAYER_CHOICES,
+    LAYER_SPEC_RE,
+    Busy,
+    NotReady,
+    RunRequest,
+    UnknownRun,
+    Viewer,
+)
 
 STATIC_DIR = Path(__file__).with_name("static")
 IMMUTABLE = "public, max-age=31536000, immutable"

@@ -42,6 +42,7 @@ from ..capture import capture
 from ..errors import FeatureMapsError, RunError
 from ..maps import FeatureMaps
 from ..models import Model, load_model
+from .tiles import layer_summary
 
 #: A run id: 16 lowercase hex digits, nothing else (it becomes a folder name).
 RUN_ID_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -484,7 +485,7 @@ class Viewer:
                 "notes": list(maps.notes),
                 "source": req.source,
             }
-            job.layers = [self.summarize(e, i) for i, e in enumerate(maps.entries)]
+            job.layers = [layer_summary(e, i) for i, e in enumerate(maps.entries)]
             # The page may draw from the maps while the folder is written: keep them in memory.
             self.maps_cache.put(job.id, maps, pinned=True)
             job.set("rendering", "writing the run folder")
@@ -512,18 +513,6 @@ class Viewer:
         job.set("failed", message)
         self.maps_cache.drop(job.id)
         shutil.rmtree(self.run_dir / job.id, ignore_errors=True)
-
-    @staticmethod
-    def summarize(entry: Any, index: int) -> dict[str, Any]:
-        return {
-            "index": index,
-            "name": entry.name,
-            "kind": entry.kind,
-            "type": entry.type,
-            "shape": list(entry.shape),
-            "spatial": entry.is_spatial,
-            "stats": clean_stats(entry.stats.as_dict()),
-        }
 
     def _save(self, job: Job, maps: FeatureMaps, model: Model) -> None:
         """The run folder, as ``featuremaps show`` writes it (overview, overlay, channel grids,
