@@ -2,13 +2,14 @@
 forward hooks on the chosen modules, recording what each call returned.
 
 Guarantees:
-- every hook handle is removed and every ``training`` flag restored in ``finally``, also when the
-  forward pass raises; ``inplace`` flags are never touched, the model leaves unchanged;
-- in-place operations cannot corrupt a captured output: outputs are kept by reference, and an
-  in-place op about to write into one (watched through a ``TorchFunctionMode``) runs out of place
-  with the model's tensor re-pointed at the result, or, when other views share that memory, the
-  captured output is copied first; a version-counter check after the pass catches anything that
-  slipped by and captures again with plain copies;
+- every hook handle is removed and every ``training`` and ``inplace`` flag restored in ``finally``,
+  also when the forward pass raises: the model leaves unchanged, and computes exactly what it
+  computes without featuremaps;
+- in-place operations cannot corrupt a captured output: outputs are kept by reference; an in-place
+  module handed one runs out of place for that call and the model's tensor is re-pointed at the
+  result (or, when other views share that memory, the output is copied first); in-place ops in
+  ``forward()`` code are caught by a version check after the pass, which captures again copying
+  those outputs, and remembers them for that model and input shape;
 - with a reduction, the hook keeps only the reduced map (and the layer's numbers), so full maps are
   never held;
 - the pass stops right after the last call of the last requested module (known from an earlier
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
-import inspect
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .errors import LayerError
 from .maps import FeatureMap, FeatureMaps, compute_stats
@@ -146,134 +145,14 @@ def select_layers(model: Model | nn.Module, layers: str | Sequence[str] | None =
 
 
 # -- in-place safety -------------------------------------------------------------------------------
-_INPLACE_DUNDERS = frozenset(
-    f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul")
-) | {"__setitem__"}
-_INPLACE_POSITION: dict[Any, int] = {}
-
-
-def _inplace_position(func: Callable) -> int:
-    """Index of a positional ``inplace`` parameter of a ``torch.nn.functional`` function, or -1."""
-    pos = _INPLACE_POSITION.get(func)
-    if pos is None:
-        pos = -1
-        try:
-            params = list(inspect.signature(func).parameters)
-            pos = params.index("inplace") if "inplace" in params else -1
-        except (TypeError, ValueError):
-            pass
-        _INPLACE_POSITION[func] = pos
-    return pos
-
-
-def _written_tensors(func: Callable, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensors an op is about to write into (empty for out-of-place ops)."""
-    out = kwargs.get("out")
-    if out is not None:
-        return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, torch.Tensor)]
-    if not args or not isinstance(args[0], torch.Tensor):
-        return []
-    name = getattr(func, "__name__", "")
-    if (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS or kwargs.get("inplace") is True:
-        return [args[0]]
-    if getattr(func, "__module__", "") == "torch.nn.functional":
-        pos = _inplace_position(func)
-        if 0 < pos < len(args) and args[pos] is True:
-            return [args[0]]
-    return []
-
-
 @dataclass
 class _Slot:
-    """A captured output kept by reference until something is about to write into it."""
+    """A captured output, kept by reference until something is about to write into it."""
 
     tensor: torch.Tensor
     version: int
-    owned: bool  # True once it is our own copy (or a reduction), safe from the model
-
-
-# In-place ops that have an out-of-place twin with the same result: ``relu_`` -> ``relu`` ...
-_SWAPPABLE = frozenset({"relu_", "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min_", "hardtanh_", "sigmoid_", "tanh_",
-                        "__iadd__", "__isub__", "__imul__", "__itruediv__"})  # fmt: skip
-_DUNDER_TWIN = {"__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__"}
-
-
-def _out_of_place(func: Callable, args: tuple, kwargs: dict) -> Callable[[], Any] | None:
-    """The same op without writing into ``args[0]``, or None when there is no safe twin."""
-    if kwargs.get("inplace") is True:
-        return lambda: func(*args, **{**kwargs, "inplace": False})
-    name = getattr(func, "__name__", "")
-    if getattr(func, "__module__", "") == "torch.nn.functional":
-        pos = _inplace_position(func)
-        if 0 < pos < len(args) and args[pos] is True:
-            return lambda: func(*args[:pos], False, *args[pos + 1 :], **kwargs)
-        return None
-    if name in _SWAPPABLE and "out" not in kwargs:
-        twin = getattr(torch.Tensor, _DUNDER_TWIN.get(name, name.rstrip("_")), None)
-        if twin is not None:
-            return lambda: twin(*args, **kwargs)
-    return None
-
-
-class _CopyOnWrite(TorchFunctionMode):
-    """Keeps captured outputs intact when an in-place op is about to write into them.
-
-    Cheapest first: when the written tensor has no other views, the op runs out of place and the
-    tensor is re-pointed at the result (``set_``), so the captured output keeps the old memory and
-    nothing is copied; otherwise the captured output is copied first.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.watched: dict[int, list[_Slot]] = {}
-
-    def watch(self, slot: _Slot) -> None:
-        self.watched.setdefault(_storage_key(slot.tensor), []).append(slot)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.watched:
-            written = _written_tensors(func, args, kwargs)
-            for t in written:
-                slots = self.watched.pop(_storage_key(t), None)
-                if not slots:
-                    continue
-                if len(written) == 1 and t is args[0]:
-                    result = self._swap(func, args, kwargs, t, slots)
-                    if result is not None:
-                        return result
-                for slot in slots:
-                    slot.tensor = slot.tensor.clone()
-                    slot.owned = True
-        return func(*args, **kwargs)
-
-    @staticmethod
-    def _swap(func: Callable, args: tuple, kwargs: dict, t: torch.Tensor, slots: list[_Slot]) -> torch.Tensor | None:
-        """Run the op out of place and re-point ``t`` at the result, if that is safe."""
-        if t._base is not None:  # a view: writing through it is what the model means
-            return None
-        # Only ``t`` and our own slot tensors may share this memory (plus the wrapper of this call).
-        if torch._C._storage_Use_Count(t.untyped_storage()._cdata) != 2 + len(slots):
-            return None
-        make = _out_of_place(func, args, kwargs)
-        if make is None:
-            return None
-        result = make()
-        if not isinstance(result, torch.Tensor) or result.shape != t.shape or result.dtype != t.dtype or result.device != t.device:
-            for slot in slots:  # no twin after all: copy, then write the result in place
-                slot.tensor = slot.tensor.clone()
-                slot.owned = True
-            return t.copy_(result) if isinstance(result, torch.Tensor) else None
-        try:
-            t.set_(result)
-        except RuntimeError:  # e.g. a tensor made by .detach() cannot be re-pointed
-            for slot in slots:
-                slot.tensor = slot.tensor.clone()
-                slot.owned = True
-            return t.copy_(result)
-        for slot in slots:
-            slot.owned = True  # the slot holds the old memory, which nothing else can reach now
-        return t
+    owned: bool  # True once it is our own memory (a copy, a reduction, or memory the model let go)
+    module: str
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -283,25 +162,100 @@ def _storage_key(t: torch.Tensor) -> int:
         return id(t)
 
 
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors share ``t``'s memory (views and our own references included)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # minus this call's wrapper
+
+
+class _InplaceGuard:
+    """Keeps captured outputs intact when an in-place module (``ReLU(inplace=True)``...) is given one.
+
+    For that one call the module runs out of place, and the tensor it was given is re-pointed at
+    the result (``set_``): the model sees exactly what an in-place op would have left, the captured
+    output keeps the old memory, and nothing is copied. When other views share that memory, the
+    captured output is copied first instead. In-place ops written in ``forward()`` code (ResNet's
+    ``out += identity``) are caught afterwards by the version check in :func:`_run_hooks`.
+    """
+
+    def __init__(self) -> None:
+        self.watched: dict[int, list[_Slot]] = {}
+        self.pending: dict[int, tuple[nn.Module, torch.Tensor, list[_Slot]]] = {}
+
+    def watch(self, slot: _Slot) -> None:
+        self.watched.setdefault(_storage_key(slot.tensor), []).append(slot)
+
+    @staticmethod
+    def copy(slots: list[_Slot]) -> None:
+        for slot in slots:
+            slot.tensor = slot.tensor.clone()
+            slot.owned = True
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        if not self.watched or not args or not isinstance(args[0], torch.Tensor):
+            return
+        t = args[0]
+        watched = self.watched.pop(_storage_key(t), None) or []
+        # an output that forward() code already changed stays as it is, for the version check to see
+        slots = [s for s in watched if s.tensor._version == s.version]
+        if not slots:
+            return
+        if t._base is None and _storage_users(t) == 1 + len(watched):
+            object.__setattr__(module, "inplace", False)  # for this call only; put back in after() or restore()
+            self.pending[id(module)] = (module, t, slots)
+        else:
+            self.copy(slots)
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
+        entry = self.pending.pop(id(module), None)
+        if entry is None:
+            return None
+        object.__setattr__(module, "inplace", True)
+        _, t, slots = entry
+        same = isinstance(output, torch.Tensor) and (output.shape, output.dtype, output.device) == (t.shape, t.dtype, t.device)
+        try:
+            if not same:
+                raise RuntimeError("result does not fit")
+            t.set_(output)
+        except RuntimeError:  # a tensor made by .detach() cannot be re-pointed: copy, then write in place
+            self.copy(slots)
+            if isinstance(output, torch.Tensor):
+                t.copy_(output)
+            return t
+        for slot in slots:
+            slot.owned = True  # the old memory is only reachable through the capture now
+        return t
+
+    def restore(self) -> None:
+        for module, _, _ in self.pending.values():
+            object.__setattr__(module, "inplace", True)
+        self.pending.clear()
+
+
 # -- model state -----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def evaluating(module: nn.Module) -> Iterator[nn.Module]:
     """Eval mode for the duration, each module's own ``training`` flag restored afterwards."""
     flags = [(m, m.training) for m in module.modules()]
+    changed = any(flag for _, flag in flags)
     try:
-        module.eval()
+        if changed:
+            module.eval()
         yield module
     finally:
-        for m, flag in flags:
-            m.training = flag
+        if changed or any(m.training != flag for m, flag in flags):
+            for m, flag in flags:
+                m.training = flag
 
 
 # -- the schedule: how often each module runs, learned from a full pass ---------------------------
 _SCHEDULES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Counter]]" = weakref.WeakKeyDictionary()
+# Modules whose outputs the model's forward() code changes in place (ResNet's ``out += identity``),
+# learned from the version check: their outputs are copied in the hook from then on.
+_DIRTY: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, frozenset[str]]]" = weakref.WeakKeyDictionary()
 
 
-def _schedule_key(module: nn.Module, x: torch.Tensor) -> tuple:
-    return (tuple(x.shape), x.dtype, x.device.type, tuple((n, id(m)) for n, m in module.named_modules()))
+def _schedule_key(modules: dict[str, nn.Module], x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device.type, tuple((n, id(m)) for n, m in modules.items()))
 
 
 class _StopForward(Exception):
@@ -391,18 +345,20 @@ def _run_hooks(
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
     modules = dict(module.named_modules())
     wanted = {n: modules[n] for n in names}
-    key = _schedule_key(module, x)
+    key = _schedule_key(modules, x)
     schedule = _SCHEDULES.get(module, {}).get(key)
+    dirty = _DIRTY.get(module, {}).get(key, frozenset())
     stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
     counting = schedule is None
     counts: Counter = Counter()
     records: list[tuple[str, nn.Module, int, _Slot, tuple[int, ...], tuple[int, ...] | None, Any]] = []
     notes: list[str] = []
-    guard = _CopyOnWrite()
+    guard = _InplaceGuard()
     fired = 0
 
     def make_hook(path: str) -> Callable:
         target = wanted.get(path)
+        copy = copy_all or path in dirty
 
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
             nonlocal fired
@@ -419,11 +375,11 @@ def _run_hooks(
                 if reduction is not None and out.ndim >= 3:
                     stats = compute_stats(out, name, kind_of(mod))
                     kept, chans = reduction.apply(out)
-                    slot = _Slot(kept, 0, owned=True)
-                elif copy_all:
-                    slot = _Slot(out.clone(), 0, owned=True)
+                    slot = _Slot(kept, 0, True, path)
+                elif copy:
+                    slot = _Slot(out.clone(), 0, True, path)
                 else:
-                    slot = _Slot(out, out._version, owned=False)
+                    slot = _Slot(out, out._version, False, path)
                     guard.watch(slot)
                 records.append((name, mod, call, slot, tuple(out.shape), chans, stats))
             fired += 1
@@ -432,13 +388,17 @@ def _run_hooks(
 
         return hook
 
-    hooked = modules.items() if counting else wanted.items()
     handles = []
     try:
-        for path, mod in hooked:
+        if not copy_all and reduction is None:  # guards first, so capture hooks see their results
+            for path, mod in modules.items():
+                if getattr(mod, "inplace", None) is True:
+                    handles.append(mod.register_forward_pre_hook(guard.before))
+                    handles.append(mod.register_forward_hook(guard.after))
+        for path, mod in modules.items() if counting else wanted.items():
             if path:
                 handles.append(mod.register_forward_hook(make_hook(path)))
-        with evaluating(module), torch.no_grad(), guard:
+        with evaluating(module), torch.no_grad():
             try:
                 module(x)
             except _StopForward:
@@ -446,11 +406,14 @@ def _run_hooks(
     finally:
         for h in handles:
             h.remove()
+        guard.restore()
     if counting:
         _SCHEDULES.setdefault(module, {})[key] = counts
-    if not copy_all and any(not s.owned and s.tensor._version != s.version for *_, s, _, _, _ in records):
-        # Something wrote into a captured output without passing through torch functions: do it again, copying.
-        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=True)
+    changed = {s.module for *_, s, _, _, _ in records if not s.owned and s.tensor._version != s.version}
+    if changed:
+        # forward() code wrote into captured outputs: capture again, copying those (all, if that was not enough)
+        _DIRTY.setdefault(module, {})[key] = dirty | changed
+        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty))
     entries = []
     for i, (name, mod, call, slot, shape, chans, stats) in enumerate(records):
         red = None if stats is None else reduction.spec  # type: ignore[union-attr]
