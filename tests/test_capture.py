@@ -334,3 +334,34 @@ def test_cuda_capture_matches_cpu_and_stays_on_the_device():
     assert all(e.tensor.device.type == "cuda" for e in b.entries)
     for name in a:
         torch.testing.assert_close(b[name].tensor.cpu(), a[name].tensor, rtol=1e-3, atol=1e-3)
+
+
+class ExplodingReLU(nn.ReLU):
+    def forward(self, x):
+        assert self.inplace is False, "featuremaps runs it out of place for this call"
+        raise RuntimeError("relu exploded")
+
+
+def test_inplace_flag_restored_when_an_inplace_module_raises():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), ExplodingReLU(inplace=True))
+    with pytest.raises(RuntimeError, match="relu exploded"):
+        fm.capture(model, torch.randn(1, 3, 8, 8), layers="all")
+    assert model[1].inplace is True
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_forward_code_that_writes_into_outputs_is_learned_once():
+    torch.manual_seed(0)
+    model = get_model("resnet18", weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        first = fm.capture(model, x, layers="all", stop_early=False)
+        assert len(calls) == 2, "the first capture finds ResNet's `out += identity` and runs again"
+        second = fm.capture(model, x, layers="all", stop_early=False)
+        assert len(calls) == 3, "later captures copy those outputs right away"
+    finally:
+        handle.remove()
+    for name in first:
+        torch.testing.assert_close(first[name].tensor, second[name].tensor, rtol=0, atol=0)
