@@ -413,6 +413,8 @@ def _run_hooks(
     if changed:
         # forward() code wrote into captured outputs: capture again, copying those (all, if that was not enough)
         _DIRTY.setdefault(module, {})[key] = dirty | changed
+        records.clear()  # let this pass's outputs go before the next one
+        guard.watched.clear()
         return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty))
     entries = []
     for i, (name, mod, call, slot, shape, chans, stats) in enumerate(records):
