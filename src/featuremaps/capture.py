@@ -163,8 +163,12 @@ def _storage_key(t: torch.Tensor) -> int:
 
 
 def _storage_users(t: torch.Tensor) -> int:
-    """How many tensors share ``t``'s memory (views and our own references included)."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1  # minus this call's wrapper
+    """How many tensors share ``t``'s memory (views and our own references included); a huge
+    number where this torch cannot tell, so that callers fall back to copying."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:  # pragma: no cover - older torch
+        return 1 << 30
+    return count(t.untyped_storage()._cdata) - 1  # minus this call's wrapper
 
 
 class _InplaceGuard:
