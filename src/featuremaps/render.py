@@ -1431,13 +1431,13 @@ def save_png(image: Image.Image, path: str | os.PathLike[str], *, rle: bool = Fa
     return p
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def layer_filename(index: int, name: str) -> str:
     """``{index:03d}_{name}.png`` with '#' written '_call' and other unsafe characters as '_'."""
-    safe = _UNSAFE.sub("_", name.replace("#", "_call")).strip("._") or "layer"
-    return f"{int(index):03d}_{safe}.png"
+    from .runs import safe_name
+
+    return f"{int(index):03d}_{safe_name(name)}.png"
 
 
 def render_layer_grids(maps: FeatureMaps | Iterable[FeatureMap], out_dir: str | os.PathLike[str], *, workers: int | None = None,
