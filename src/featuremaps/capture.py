@@ -60,17 +60,28 @@ KIND_ALIASES: dict[str, str] = {
 }  # fmt: skip
 
 
+_KIND_BY_TYPE: dict[type, str] = {}
+
+
 def kind_of(module: nn.Module) -> str:
     """``conv``, ``act``, ``pool``, ``norm``, ``linear`` or ``other``."""
-    if isinstance(module, nn.modules.conv._ConvNd):
+    cls = type(module)
+    kind = _KIND_BY_TYPE.get(cls)
+    if kind is None:
+        kind = _KIND_BY_TYPE[cls] = _kind_of_type(cls)
+    return kind
+
+
+def _kind_of_type(cls: type) -> str:
+    if issubclass(cls, nn.modules.conv._ConvNd):
         return "conv"
-    if isinstance(module, _ACTIVATIONS):
+    if issubclass(cls, _ACTIVATIONS):
         return "act"
-    if isinstance(module, _POOLS):
+    if issubclass(cls, _POOLS):
         return "pool"
-    if isinstance(module, _NORMS):
+    if issubclass(cls, _NORMS):
         return "norm"
-    if isinstance(module, _LINEAR):
+    if issubclass(cls, _LINEAR):
         return "linear"
     return "other"
 
@@ -370,36 +381,36 @@ def _run_hooks(
     fired = 0
     Tensor = torch.Tensor
 
-    def make_hook(path: str) -> Callable:
-        target = path in wanted
-        copy = copy_all or path in dirty
+    hooked = modules.items() if counting else wanted.items()
+    paths = {id(mod): path for path, mod in hooked if path}
 
-        def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
-            nonlocal fired
-            call = counts[path] = counts.get(path, 0) + 1
-            if not target:
-                return
-            if not isinstance(output, Tensor):
+    # One function for every module (it finds the path from the module), so that a capture
+    # allocates little besides what it keeps: fewer objects for Python's garbage collector.
+    def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal fired
+        path = paths[id(mod)]
+        call = counts[path] = counts.get(path, 0) + 1
+        if path not in wanted:
+            return
+        if not isinstance(output, Tensor):
+            name = path if call == 1 else f"{path}#{call}"
+            notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
+        else:
+            out = output.detach()  # a tensor of its own: the guard may re-point the model's one (set_)
+            if reduction is not None and out.ndim >= 3:
                 name = path if call == 1 else f"{path}#{call}"
-                notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
+                stats = compute_stats(out, name, kind_of(mod))
+                kept, chans = reduction.apply(out)
+                records.append((path, call, mod, _Slot(kept, 0, True), out.shape, chans, stats))
+            elif copy_all or path in dirty:
+                records.append((path, call, mod, _Slot(out.clone(), 0, True), out.shape, None, None))
             else:
-                out = output.detach()  # a tensor of its own: the guard may re-point the model's one (set_)
-                if reduction is not None and out.ndim >= 3:
-                    name = path if call == 1 else f"{path}#{call}"
-                    stats = compute_stats(out, name, kind_of(mod))
-                    kept, chans = reduction.apply(out)
-                    records.append((path, call, mod, _Slot(kept, 0, True), out.shape, chans, stats))
-                elif copy:
-                    records.append((path, call, mod, _Slot(out.clone(), 0, True), out.shape, None, None))
-                else:
-                    slot = _Slot(out, out._version, False)
-                    watch(slot)
-                    records.append((path, call, mod, slot, out.shape, None, None))
-            fired += 1
-            if stop_after is not None and fired >= stop_after:
-                raise _StopForward
-
-        return hook
+                slot = _Slot(out, out._version, False)
+                watch(slot)
+                records.append((path, call, mod, slot, out.shape, None, None))
+        fired += 1
+        if stop_after is not None and fired >= stop_after:
+            raise _StopForward
 
     handles = []
     try:
@@ -408,9 +419,9 @@ def _run_hooks(
                 if getattr(mod, "inplace", None) is True:
                     handles.append(mod.register_forward_pre_hook(guard.before))
                     handles.append(mod.register_forward_hook(guard.after))
-        for path, mod in modules.items() if counting else wanted.items():
+        for path, mod in hooked:
             if path:
-                handles.append(mod.register_forward_hook(make_hook(path)))
+                handles.append(mod.register_forward_hook(hook))
         with evaluating(module, modules.values()), torch.no_grad():
             try:
                 module(x)
