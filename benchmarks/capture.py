@@ -25,10 +25,9 @@ import subprocess
 import sys
 import time
 
+import featuremaps as fm  # isort: skip  (before torch, as in the CLI: it asks for huge pages, see featuremaps.memory)
 import torch
 import torch.nn.functional as F
-
-import featuremaps as fm  # first, as the CLI does: it turns on PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE)
 
 CONFIGS = {
     "bare forward": None,

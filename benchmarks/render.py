@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import featuremaps  # noqa: F401  # isort: skip  (before torch, as in the CLI: it asks for huge pages)
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
 
-import featuremaps  # noqa: F401  (first, as the CLI does: huge-page allocation)
 from featuremaps.maps import FeatureMap, FeatureMaps
 from featuremaps.render import render_layer_grids
 

@@ -80,3 +80,19 @@ def test_capture_turns_it_on_once():
     assert "applied" in first
     assert memory.reuse_freed_memory(limit_mb=1) is first["applied"]  # already decided: no second change
     assert memory.settings() == first
+
+
+@pytest.mark.parametrize(
+    ("preset", "torch_first", "expected"),
+    [(None, False, "1"), ("0", False, "0"), (None, True, None)],
+)
+def test_huge_pages_are_asked_for_only_before_torch(preset, torch_first, expected):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = ("import torch\n" if torch_first else "") + (
+        "import os, featuremaps\nprint(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == str(expected)

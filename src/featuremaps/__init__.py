@@ -8,17 +8,11 @@
 
 from __future__ import annotations
 
-import os as _os
-import sys as _sys
-
 __version__ = "0.1.0"
 
-# Keeping every layer's output means many fresh multi-MB tensors; PyTorch's CPU allocator backs
-# them with transparent huge pages when asked, which makes that several times cheaper (see the
-# README's performance section). It can only be asked before torch's first allocation, so this
-# applies when featuremaps is imported first (the CLI, the viewer); THP_MEM_ALLOC_ENABLE=0 opts out.
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from .memory import ask_for_huge_pages as _ask_for_huge_pages
+
+_ask_for_huge_pages()  # before torch is imported, or it has no effect (see featuremaps.memory)
 
 from .capture import MODES, LayerInfo, capture, kind_of, list_layers, select_layers
 from .chains import CHAINS, find_conv_stack
