@@ -34,6 +34,7 @@ CONFIGS = {
     "conv outputs": {"layers": "conv"},
     "every leaf output": {"layers": "all"},
     "every leaf, reduced (mean)": {"layers": "all", "reduce": "mean"},
+    "reference: plain hooks keeping every leaf output (wrong under in-place ops)": "plain",
 }
 
 
@@ -43,12 +44,29 @@ def make(name: str, size: int):
     return model, torch.randn(1, 3, size, size)
 
 
-def run_config(model, x, config) -> None:
+def plain_hooks(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """What a tutorial does: a forward hook on every leaf appending its output. It is wrong under
+    in-place ops (a ReLU overwrites the conv output it was given), and shows what merely keeping
+    every output costs."""
+    outputs: list[torch.Tensor] = []
+    leaves = [m for n, m in module.named_modules() if n and next(m.children(), None) is None]
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in leaves]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def run_config(model, x, config):
     if config is None:
         with torch.inference_mode():
-            model.module(x)
-    else:
-        fm.capture(model, x, **config)
+            return model.module(x)
+    if config == "plain":
+        return plain_hooks(model.module, x)
+    return fm.capture(model, x, **config)
 
 
 def seed_loop(model, x) -> list[torch.Tensor]:
