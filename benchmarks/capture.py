@@ -1,14 +1,17 @@
 """Capture speed and memory, as ratios to a bare forward pass measured in the same run.
 
-    python benchmarks/capture.py            # the full table (about 8 minutes on 2 cores)
+    python benchmarks/capture.py            # the full table (about 12 minutes on 2 cores)
     python benchmarks/capture.py --quick    # AlexNet and VGG16 at 224 only
 
 Time: each model runs in a fresh child process (so what earlier models left in the heap does not
 count), configurations interleaved after a warm-up (which also teaches featuremaps where each
 model's forward pass may stop); the ratio is the median over repetitions of each capture's time over
-the bare pass timed just before it, which cancels the slow drifts of a shared machine. Peak memory: each configuration runs in a fresh
-child process, once to warm up (up to 1024x1024) and once measured; the figure is the rise of the
-peak resident set size (VmHWM, reset before the measured call), so model weights are not counted.
+the bare pass timed just before it, which cancels the slow drifts of a shared machine. The
+reference row is a tutorial's plain hooks, which keep every output but are wrong under in-place
+ops: what keeping every output costs by itself.
+Peak memory: each configuration runs in a fresh child process, once to warm up (up to 1024x1024)
+and once measured; the figure is the rise of the peak resident set size (VmHWM, reset before the
+measured call), so model weights are not counted.
 (A model's first capture at an input shape can take a second pass, when its forward() code writes
 into captured outputs, as ResNet's ``out += identity`` does; later captures do not.)
 Random weights (seed 0): speed and memory do not depend on the weights' values.
