@@ -1,12 +1,14 @@
 """Capture speed and memory, as ratios to a bare forward pass measured in the same run.
 
-    python benchmarks/capture.py            # the full table (about 12 minutes on 2 cores)
+    python benchmarks/capture.py            # the full table (about 15 minutes on 2 cores)
     python benchmarks/capture.py --quick    # AlexNet and VGG16 at 224 only
 
-Time: each model runs in a fresh child process (so what earlier models left in the heap does not
-count), configurations interleaved after a warm-up (which also teaches featuremaps where each
-model's forward pass may stop); the ratio is the median over repetitions of each capture's time over
-the bare pass timed just before it, which cancels the slow drifts of a shared machine. The
+Time: each model runs in fresh child processes (so that what earlier models left in the heap does
+not count), configurations interleaved after a warm-up (which also teaches featuremaps where each
+model's forward pass may stop). In a process, the ratio is the median over repetitions of each
+capture's time over the bare pass timed just before it, which cancels the slow drifts of a shared
+machine; at 224x224 three processes run per model, and the table gives the median of their ratios
+and, in brackets, their range (processes differ more than repetitions do). The
 reference row is a tutorial's plain hooks, which keep every output but are wrong under in-place
 ops: what keeping every output costs by itself.
 Peak memory: each configuration runs in a fresh child process, once to warm up (up to 1024x1024)
@@ -172,20 +174,27 @@ def measure_times(name: str, size: int, reps: int) -> dict[str, list[float]]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_capture(name: str, size: int, reps: int, memory: bool) -> list[dict]:
-    """Each model in a fresh process, so that what earlier models left in the heap does not count.
-    The time ratio is the median over repetitions of (capture / the bare pass just before it)."""
-    samples = measure_times(name, size, reps)
-    bare = samples["bare forward"]
+def bench_capture(name: str, size: int, reps: int, memory: bool, processes: int = 1) -> list[dict]:
+    """Each model in fresh processes, so that what earlier models left in the heap does not count.
+    In each process the time ratio is the median over repetitions of (capture / the bare pass just
+    before it); with several processes, the row gives the median of their ratios and their range
+    (processes differ more than repetitions do: heap layout, huge pages)."""
+    runs = [measure_times(name, size, reps) for _ in range(processes)]
+    ratios = {
+        key: sorted(statistics.median(t / b for t, b in zip(run[key], run["bare forward"])) for run in runs)
+        for key in CONFIGS
+    }
     mem = {k: measure_memory("capture", name, size, k) for k in CONFIGS} if memory else {}
     rows = []
     for key in CONFIGS:
         row = {
             "model": f"{name} @{size}",
             "what": key,
-            "seconds": statistics.median(samples[key]),
-            "time_ratio": statistics.median(t / b for t, b in zip(samples[key], bare)),
+            "seconds": statistics.median(t for run in runs for t in run[key]),
+            "time_ratio": statistics.median(ratios[key]),
         }
+        if processes > 1 and key != "bare forward":
+            row["time_range"] = (ratios[key][0], ratios[key][-1])
         if memory:
             row["peak_mb"] = mem[key]
             row["mem_ratio"] = mem[key] / mem["bare forward"]
@@ -240,6 +249,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         s = f"{r['seconds']:.3f}" if "seconds" in r else "–"
         tr = f"{r['time_ratio']:.2f}x" if "time_ratio" in r else "–"
+        if "time_range" in r:
+            tr += f" ({r['time_range'][0]:.2f}–{r['time_range'][1]:.2f}x)"
         pm = f"{r['peak_mb']:.0f}" if "peak_mb" in r else "–"
         mr = f"{r['mem_ratio']:.2f}x" if "mem_ratio" in r else "–"
         lines.append(f"| {r['model']} | {r['what']} | {s} | {tr} | {pm} | {mr} |")
@@ -249,7 +260,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="AlexNet and VGG16 at 224 only")
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per process")
+    parser.add_argument("--processes", type=int, default=3, help="timing processes per model at 224x224")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--time-child", help=argparse.SUPPRESS)
     parser.add_argument("--chain-time-child", help=argparse.SUPPRESS)
@@ -267,11 +279,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}", flush=True)
     rows = []
-    jobs = [("alexnet", 224, args.reps), ("vgg16", 224, args.reps)]
+    jobs = [("alexnet", 224, args.reps, args.processes), ("vgg16", 224, args.reps, args.processes)]
     if not args.quick:
-        jobs += [("resnet50", 224, args.reps), ("vgg16", 1024, 3)]
-    for name, size, reps in jobs:
-        rows += bench_capture(name, size, reps, memory=True)
+        jobs += [("resnet50", 224, args.reps, args.processes), ("vgg16", 1024, 3, 1)]
+    for name, size, reps, processes in jobs:
+        rows += bench_capture(name, size, reps, memory=True, processes=processes)
         print(table(rows[-len(CONFIGS):]), flush=True)
     if not args.quick:
         rows += bench_memory_only("vgg16", 2048, ["every leaf, reduced (mean)"])
