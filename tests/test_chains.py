@@ -112,3 +112,19 @@ def test_models_without_a_sequential_conv_stack_point_to_network_mode(arch):
     model = get_model(arch, weights=None)
     with pytest.raises(LayerError, match=r"has no plain sequential conv stack.*use mode 'network'"):
         fm.capture(model, torch.randn(1, 3, 32, 32), mode="conv")
+
+
+def test_reduced_chain_gives_memory_back_after_every_step(monkeypatch):
+    import featuremaps.chains as chains
+
+    calls = []
+    monkeypatch.setattr(chains, "release_freed_memory", lambda: calls.append(1))
+    torch.manual_seed(0)
+    model = get_model("vgg11", weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    reduced = fm.capture(model, x, mode="conv-relu", reduce="mean")
+    assert len(calls) == len(reduced) == 16  # 8 convs + 8 ReLUs: one release per step
+    full = fm.capture(model, x, mode="conv-relu")
+    assert len(calls) == 16 and len(full) == 16  # full maps are all kept: nothing to give back
+    for a, b in zip(reduced.entries, full.entries):  # and the reduction is of the same maps
+        torch.testing.assert_close(a.tensor, b.tensor.mean(dim=1), rtol=0, atol=1e-6)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .capture import _unwrap, evaluating, kind_of, match_layers
+from .memory import release_freed_memory
 from .errors import LayerError
 from .maps import FeatureMap, FeatureMaps, compute_stats
 from .reduce import Reduction
@@ -116,6 +117,10 @@ def run_chain(
         for name, group in steps:
             for layer in group:
                 x = layer(x)
+            if reduce is not None:
+                # lean on memory: hand the step before's output back to the system at once, rather
+                # than keep it for reuse (featuremaps.memory), so the peak stays near two steps' outputs
+                release_freed_memory()
             if name not in keep:
                 continue
             layer0 = by_name[name]

@@ -11,7 +11,9 @@ settings, the memory of the previous capture goes back to the system when it is 
 capture gets fresh pages that the kernel must fault in and zero one by one: on ResNet-50 that cost
 more than the extra work of capturing itself (28,000 page faults, about 40 ms, against a 70 ms
 forward pass). :func:`reuse_freed_memory` asks glibc to keep freed memory for reuse instead, up to
-a limit; :func:`featuremaps.capture` calls it once, before its first pass.
+a limit; :func:`featuremaps.capture` calls it once, before its first pass. A reduced chain
+(``mode="conv"`` and the like with ``reduce=``), which is about using little memory, hands each
+step's freed output back at once instead (:func:`release_freed_memory`).
 
 Set the environment variable ``FEATUREMAPS_REUSE_MEMORY=0`` to leave the allocator alone, or to a
 number of megabytes to change the limit (default 512). Nothing is done outside Linux with glibc.
