@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
@@ -47,7 +48,9 @@ def ask_for_huge_pages() -> bool:
     return os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """glibc through ctypes, or None elsewhere (looked up once: ``find_library`` runs a subprocess)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
