@@ -150,10 +150,14 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
     return [n for n, _ in candidates if n in wanted]
 
 
-def select_layers(model: Model | nn.Module, layers: str | Sequence[str] | None = "conv") -> list[str]:
-    """The ``named_modules()`` paths that ``layers`` selects (see :func:`match_layers`)."""
+def select_layers(
+    model: Model | nn.Module, layers: str | Sequence[str] | None = "conv", *, modules: dict[str, nn.Module] | None = None
+) -> list[str]:
+    """The ``named_modules()`` paths that ``layers`` selects (see :func:`match_layers`);
+    ``modules``: ``dict(named_modules())`` when the caller already has it."""
     module, _ = _unwrap(model)
-    return match_layers([(n, m) for n, m in module.named_modules() if n], layers)
+    named = modules.items() if modules is not None else module.named_modules()
+    return match_layers([(n, m) for n, m in named if n], layers)
 
 
 # -- in-place safety -------------------------------------------------------------------------------
@@ -339,8 +343,8 @@ def capture(
 
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
     modules = dict(module.named_modules())
-    names = match_layers([(n, m) for n, m in modules.items() if n], layers)
-    entries, notes = _run_hooks(module, x, names, reduction, stop_early=stop_early, modules=modules)
+    names = select_layers(module, layers, modules=modules)
+    entries, notes = _run_hooks(module, modules, x, names, reduction, stop_early=stop_early)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -354,18 +358,22 @@ def capture(
     )
 
 
+def _entry_name(path: str, call: int) -> str:
+    """A capture's key: the module path, with ``#k`` for its k-th call (k >= 2)."""
+    return path if call == 1 else f"{path}#{call}"
+
+
 def _run_hooks(
     module: nn.Module,
+    modules: dict[str, nn.Module],
     x: torch.Tensor,
     names: list[str],
     reduction: Reduction | None,
     *,
     stop_early: bool = True,
     copy_all: bool = False,
-    modules: dict[str, nn.Module] | None = None,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
-    if modules is None:
-        modules = dict(module.named_modules())
+    """One hooked forward pass of ``module`` (``modules`` is its ``dict(named_modules())``)."""
     wanted = {n: modules[n] for n in names}
     key = _schedule_key(modules, x)
     schedule = _SCHEDULES.get(module, {}).get(key)
@@ -393,12 +401,12 @@ def _run_hooks(
         if path not in wanted:
             return
         if not isinstance(output, Tensor):
-            name = path if call == 1 else f"{path}#{call}"
+            name = _entry_name(path, call)
             notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
         else:
             out = output.detach()  # a tensor of its own: the guard may re-point the model's one (set_)
             if reduction is not None and out.ndim >= 3:
-                name = path if call == 1 else f"{path}#{call}"
+                name = _entry_name(path, call)
                 stats = compute_stats(out, name, kind_of(mod))
                 kept, chans = reduction.apply(out)
                 records.append((path, call, mod, _Slot(kept, 0, True), out.shape, chans, stats))
@@ -439,12 +447,12 @@ def _run_hooks(
         _DIRTY.setdefault(module, {})[key] = dirty | changed
         records.clear()  # let this pass's outputs go before the next one
         guard.watched.clear()
-        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), modules=modules)
+        return _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty))
     entries = []
     for i, (path, call, mod, slot, shape, chans, stats) in enumerate(records):
         entries.append(
             FeatureMap(
-                name=path if call == 1 else f"{path}#{call}",
+                name=_entry_name(path, call),
                 module=path,
                 kind=kind_of(mod),
                 type=type(mod).__name__,

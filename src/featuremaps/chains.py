@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .capture import _unwrap, evaluating, kind_of, match_layers
-from .memory import release_freed_memory
 from .errors import LayerError
 from .maps import FeatureMap, FeatureMaps, compute_stats
+from .memory import release_freed_memory
 from .reduce import Reduction
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -30,8 +30,8 @@ import sys
 import threading
 
 DEFAULT_LIMIT_MB = 512
-#: glibc's largest allowed ``M_MMAP_THRESHOLD`` on 64-bit systems: blocks up to this size come from
-#: the heap (and can be reused); larger ones are still mapped and unmapped on their own.
+#: the largest ``M_MMAP_THRESHOLD`` that every 64-bit glibc accepts: blocks up to this size come
+#: from the heap (and can be reused); larger ones are still mapped and unmapped on their own.
 MMAP_THRESHOLD = 32 * 2**20
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -79,6 +79,8 @@ def reuse_freed_memory(limit_mb: int | None = None) -> bool:
     """Let this process keep up to ``limit_mb`` MB of freed memory for reuse (glibc ``mallopt``),
     so that repeated captures do not fault in fresh pages. Done once per process; returns whether
     the settings are in effect."""
+    if "applied" in _state:  # every capture calls this: no lock once it is decided
+        return bool(_state["applied"])
     with _lock:
         if "applied" in _state:
             return bool(_state["applied"])

@@ -579,23 +579,25 @@ def _routes(app: FastAPI, viewer: Viewer, renderer: T.Tiles) -> None:
             viewer.png_cache.put(key + "|json", layout)
         return data, layout
 
-    @app.get("/api/runs/{run_id}/layers/{index}/grid.png")
-    def grid_png(request: Request, run_id: str, index: int, norm: str = "map", cmap: str = "viridis", page: int = 0,
-                 per_page: int = 128, tile: int | None = None, top_k: int | None = None) -> Response:
+    def grid_response(request: Request, run_id: str, index: int, norm: str, cmap: str, page: int, per_page: int,
+                      tile: int | None, top_k: int | None, *, layout: bool) -> Response:
+        """The grid picture, or (``layout``) where each channel sits in it: rendered together, cached apart."""
         viewer.job(run_id)
         view = T.parse_view(None, norm, cmap)
         args = grid_args(page, per_page, tile, top_k)
-        return cached(request, grid_key(run_id, index, view, *args), "image/png",
-                      lambda: grid_both(run_id, index, view, args)[0], store=False)
+        key = grid_key(run_id, index, view, *args) + ("|json" if layout else "")
+        return cached(request, key, "application/json" if layout else "image/png",
+                      lambda: grid_both(run_id, index, view, args)[int(layout)], store=False)
+
+    @app.get("/api/runs/{run_id}/layers/{index}/grid.png")
+    def grid_png(request: Request, run_id: str, index: int, norm: str = "map", cmap: str = "viridis", page: int = 0,
+                 per_page: int = 128, tile: int | None = None, top_k: int | None = None) -> Response:
+        return grid_response(request, run_id, index, norm, cmap, page, per_page, tile, top_k, layout=False)
 
     @app.get("/api/runs/{run_id}/layers/{index}/grid.json")
     def grid_json(request: Request, run_id: str, index: int, norm: str = "map", cmap: str = "viridis", page: int = 0,
                   per_page: int = 128, tile: int | None = None, top_k: int | None = None) -> Response:
-        viewer.job(run_id)
-        view = T.parse_view(None, norm, cmap)
-        args = grid_args(page, per_page, tile, top_k)
-        return cached(request, grid_key(run_id, index, view, *args) + "|json", "application/json",
-                      lambda: grid_both(run_id, index, view, args)[1], store=False)
+        return grid_response(request, run_id, index, norm, cmap, page, per_page, tile, top_k, layout=True)
 
     @app.get("/api/runs/{run_id}/layers/{index}/channels/{channel}.png")
     def channel_png(request: Request, run_id: str, index: int, channel: int, norm: str = "map", cmap: str = "viridis") -> Response:
