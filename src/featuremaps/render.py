@@ -534,7 +534,7 @@ def colorbar(cmap: Any, vmin: float, vmax: float, *, width: int = 256, height: i
 
 
 # -- resampling ------------------------------------------------------------------------------------------
-def _shrink(x: np.ndarray, d: int) -> np.ndarray:
+def block_mean(x: np.ndarray, d: int) -> np.ndarray:
     """Block mean by an integer factor over the last two axes (the remainder is cropped)."""
     if d <= 1:
         return x
@@ -569,7 +569,7 @@ def _map_to_indexes(m: np.ndarray, th: int, tw: int, vmin: float, vmax: float) -
     """A 2-D map as colour indexes of size ``(th, tw)``: area-averaged when shrinking, NEAREST when enlarging."""
     d = min(m.shape[0] // th, m.shape[1] // tw)
     if d >= 2:
-        m = _shrink(m, d)
+        m = block_mean(m, d)
     return _nearest(_quantize(m, vmin, vmax), th, tw)
 
 
@@ -893,7 +893,7 @@ def _grid_canvas(fmap: FeatureMap, *, channels: Sequence[int] | None, top_k: int
     src = arr if positions is None else arr[positions]
     d = min(H // th, W // tw)
     if d >= 2:
-        src = _shrink(src, d)
+        src = block_mean(src, d)
     q = _quantize(src, vlo, vhi, finite)
     k = 1
     qh, qw = q.shape[1:]

@@ -71,11 +71,7 @@ def parse_view(reduce: str | None, norm: str | None, cmap: str | None) -> View:
 
 def _shrink(m: np.ndarray, side: int) -> np.ndarray:
     """Block-mean a 2-D map by an integer factor so that its longer side is at most about ``side``."""
-    d = max(m.shape) // side
-    if d < 2:
-        return m
-    h, w = m.shape[0] // d * d, m.shape[1] // d * d
-    return m[:h, :w].reshape(h // d, d, w // d, d).mean(axis=(1, 3))
+    return render.block_mean(m, max(m.shape) // side)
 
 
 class Tiles:
