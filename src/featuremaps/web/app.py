@@ -102,6 +102,7 @@ from .jobs import (
     RunRequest,
     UnknownRun,
     Viewer,
+    one_line,
 )
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -340,7 +341,7 @@ def _exception_handlers(app: FastAPI) -> None:
     def handler(status: int) -> Callable:
         async def handle(request: Request, exc: Exception) -> JSONResponse:
             headers = {"Retry-After": "2"} if status == 429 else None
-            return JSONResponse({"detail": _one_line(exc)}, status_code=status, headers=headers)
+            return JSONResponse({"detail": one_line(exc)}, status_code=status, headers=headers)
 
         return handle
 
@@ -361,10 +362,6 @@ def _exception_handlers(app: FastAPI) -> None:
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body"))
             parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
         return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------------

@@ -497,9 +497,9 @@ class Viewer:
             job.timings["save_s"] = time.perf_counter() - t0
             job.set("done", f"{len(maps)} maps captured")
         except FeatureMapsError as exc:
-            self._fail(job, _one_line(exc), type(exc).__name__)
+            self._fail(job, one_line(exc), type(exc).__name__)
         except Exception as exc:  # a bug or a torch error: still a clear message, never a dead server
-            self._fail(job, f"the run failed: {type(exc).__name__}: {_one_line(exc)}", "InternalError")
+            self._fail(job, f"the run failed: {type(exc).__name__}: {one_line(exc)}", "InternalError")
         finally:
             job.finished = time.time()
             if job.request is not None:  # the picture is in the run folder now; free the memory
@@ -578,6 +578,7 @@ def _without_image(req: RunRequest) -> RunRequest:
     return RunRequest(req.model, req.weights, req.mode, req.layers, req.size, None, req.source)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of text for an HTTP error or a failed job."""
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
