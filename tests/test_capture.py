@@ -52,6 +52,15 @@ def oracle(model: nn.Module, x: torch.Tensor, nodes: list[str]) -> dict[str, tor
         return fx(x)
 
 
+def no_hooks_left(model: nn.Module) -> bool:
+    """No forward hook or pre-hook on any module of ``model``, and none left global."""
+    from torch.nn.modules import module as torch_module
+
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()) and not (
+        torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+    )
+
+
 def fx_name(name: str) -> str:
     """``layer1.0.relu#2`` (our 2nd call) -> ``layer1.0.relu_1`` (FX's name for it)."""
     base, _, k = name.partition("#")
@@ -80,7 +89,7 @@ def test_every_leaf_output_equals_the_oracle(arch, size):
         assert got.shape == want.shape, name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{arch} {name}")
     # the model is left exactly as it was
-    assert all(not m._forward_hooks for m in model.modules())
+    assert no_hooks_left(model)
     assert not model.training
 
 
@@ -144,7 +153,7 @@ def test_hooks_removed_and_flags_restored_when_forward_raises():
     model.conv.eval()
     with pytest.raises(RuntimeError, match="boom"):
         fm.capture(model, torch.randn(1, 3, 8, 8), layers="conv")
-    assert not model.conv._forward_hooks and not model._forward_hooks
+    assert no_hooks_left(model)
     assert model.training is True and model.conv.training is False
 
 
@@ -154,7 +163,7 @@ def test_training_flags_and_hooks_untouched_after_success(tiny):
     before = {n: m.training for n, m in tiny.named_modules()}
     fm.capture(tiny, torch.randn(1, 3, 16, 16), layers="all")
     assert {n: m.training for n, m in tiny.named_modules()} == before
-    assert all(not m._forward_hooks for m in tiny.modules())
+    assert no_hooks_left(tiny)
 
 
 def test_non_tensor_outputs_are_skipped_with_a_note():
@@ -347,7 +356,7 @@ def test_inplace_flag_restored_when_an_inplace_module_raises():
     with pytest.raises(RuntimeError, match="relu exploded"):
         fm.capture(model, torch.randn(1, 3, 8, 8), layers="all")
     assert model[1].inplace is True
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert no_hooks_left(model)
 
 
 def test_forward_code_that_writes_into_outputs_is_learned_once():
@@ -365,3 +374,73 @@ def test_forward_code_that_writes_into_outputs_is_learned_once():
         handle.remove()
     for name in first:
         torch.testing.assert_close(first[name].tensor, second[name].tensor, rtol=0, atol=0)
+
+
+def test_an_output_passed_on_as_the_same_object_survives_an_inplace_relu():
+    # Identity (and Dropout in eval mode) hand on the very tensor they got: two captures of one
+    # object, then an in-place ReLU on it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        conv = model[0](x)
+        want_out = model(x)
+    for _ in range(2):  # learning pass, then the steady state
+        maps = fm.capture(model, x, layers="all")
+        assert conv.min() < 0
+        for name in ("0", "1", "2"):
+            torch.testing.assert_close(maps[name].tensor, conv, rtol=0, atol=0)
+        torch.testing.assert_close(maps["3"].tensor, conv.clamp(min=0), rtol=0, atol=0)
+        torch.testing.assert_close(maps["4"].tensor, want_out, rtol=0, atol=0)
+    assert model[3].inplace is True and no_hooks_left(model)
+
+
+class UsesAnOutsideModule(nn.Module):
+    """Calls a module that is not one of its submodules (kept in a plain list)."""
+
+    def __init__(self, outside: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.outside = [outside]
+
+    def forward(self, x):
+        return self.outside[0](self.conv(x))
+
+
+def test_modules_outside_the_model_are_not_captured():
+    torch.manual_seed(0)
+    model = UsesAnOutsideModule(nn.Conv2d(2, 2, 1)).eval()
+    maps = fm.capture(model, torch.randn(1, 3, 8, 8), layers="all")
+    assert maps.names == ["conv"]
+    assert no_hooks_left(model) and no_hooks_left(model.outside[0])
+
+
+def test_captures_of_two_models_in_two_threads_do_not_mix():
+    import threading
+
+    torch.manual_seed(0)
+    models = [get_model("resnet18", weights=None).eval(), get_model("vgg11", weights=None).eval()]
+    xs = [torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32)]
+    alone = [fm.capture(m, x, layers="all") for m, x in zip(models, xs)]
+    results: dict[int, list] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(4):
+                results[i].append(fm.capture(models[i], xs[i], layers="all"))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in (0, 1):
+        for maps in results[i]:
+            assert maps.names == alone[i].names
+            for name in maps:
+                torch.testing.assert_close(maps[name].tensor, alone[i][name].tensor, rtol=0, atol=0)
+        assert no_hooks_left(models[i])

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from .errors import LayerError
 from .maps import FeatureMap, FeatureMaps, compute_stats
@@ -177,13 +178,15 @@ def _storage_key(t: torch.Tensor) -> int:
         return id(t)
 
 
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _storage_users(t: torch.Tensor) -> int:
     """How many tensors share ``t``'s memory (views and our own references included); a huge
     number where this torch cannot tell, so that callers fall back to copying."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:  # pragma: no cover - older torch
+    if _USE_COUNT is None:  # pragma: no cover - older torch
         return 1 << 30
-    return count(t.untyped_storage()._cdata) - 1  # minus this call's wrapper
+    return _USE_COUNT(t.untyped_storage()._cdata) - 1  # minus this call's wrapper
 
 
 class _InplaceGuard:
@@ -191,17 +194,15 @@ class _InplaceGuard:
 
     For that one call the module runs out of place, and the tensor it was given is re-pointed at
     the result (``set_``): the model sees exactly what an in-place op would have left, the captured
-    output keeps the old memory, and nothing is copied. When other views share that memory, the
-    captured output is copied first instead. In-place ops written in ``forward()`` code (ResNet's
-    ``out += identity``) are caught afterwards by the version check in :func:`_run_hooks`.
+    output keeps the old memory (through an alias made just before), and nothing is copied. When
+    other views share that memory, the captured output is copied first instead. In-place ops written
+    in ``forward()`` code (ResNet's ``out += identity``) are caught afterwards by the version check
+    in :func:`_run_hooks`.
     """
 
     def __init__(self) -> None:
         self.watched: dict[int, list[_Slot]] = {}
         self.pending: dict[int, tuple[nn.Module, torch.Tensor, list[_Slot]]] = {}
-
-    def watch(self, slot: _Slot) -> None:
-        self.watched.setdefault(_storage_key(slot.tensor), []).append(slot)
 
     @staticmethod
     def copy(slots: list[_Slot]) -> None:
@@ -223,18 +224,22 @@ class _InplaceGuard:
         slots = [s for s in watched if s.tensor._version == s.version]
         if not slots:
             return
-        if t._base is None and _storage_users(t) == 1 + len(watched):
-            object.__setattr__(module, "inplace", False)  # for this call only; put back in after() or restore()
+        # captures hold the model's own tensor objects: only other tensor objects add storage users
+        others = {id(s.tensor) for s in watched if s.tensor is not t}
+        if t._base is None and _storage_users(t) == 1 + len(others):
+            for s in watched:
+                if s.tensor is t:
+                    s.tensor = t.detach()  # an alias that keeps the old memory when t is re-pointed
+            object.__setattr__(module, "inplace", False)  # for this call only; put back in finish() or restore()
             self.pending[id(module)] = (module, t, slots)
         else:
             self.copy(slots)
 
-    def after(self, module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
-        entry = self.pending.pop(id(module), None)
-        if entry is None:
-            return None
+    def finish(self, entry: tuple[nn.Module, torch.Tensor, list[_Slot]], output: Any) -> torch.Tensor:
+        """After an out-of-place call that :meth:`before` arranged (called by the capture hook):
+        put ``inplace`` back and hand the model its own tensor, re-pointed at the result."""
+        module, t, slots = entry
         object.__setattr__(module, "inplace", True)
-        _, t, slots = entry
         try:
             if type(output) is not type(t) or output.shape != t.shape or output.dtype != t.dtype:
                 raise RuntimeError("result does not fit")
@@ -276,8 +281,31 @@ _SCHEDULES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Counter]]" = weakr
 _DIRTY: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, frozenset[str]]]" = weakref.WeakKeyDictionary()
 
 
-def _schedule_key(modules: dict[str, nn.Module], x: torch.Tensor) -> tuple:
-    return (tuple(x.shape), x.dtype, x.device.type, tuple((n, id(m)) for n, m in modules.items()))
+# What a ``layers=`` selection resolved to, per model and module tree (capture() resolves the same
+# selection again and again; the viewer and notebooks capture one model many times).
+_SELECTIONS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[str]]]" = weakref.WeakKeyDictionary()
+
+
+def _structure(modules: dict[str, nn.Module]) -> tuple:
+    """The module tree as a hashable key: a module replaced anywhere changes it."""
+    return tuple((n, id(m), type(m)) for n, m in modules.items())
+
+
+def _schedule_key(structure: tuple, x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device.type, structure)
+
+
+def _selected(module: nn.Module, modules: dict[str, nn.Module], structure: tuple, layers: str | Sequence[str] | None) -> list[str]:
+    """:func:`select_layers`, remembered for this module tree."""
+    cache = _SELECTIONS.setdefault(module, {})
+    key = (structure, tuple(_tokens(layers)))
+    names = cache.get(key)
+    if names is None:
+        names = select_layers(module, layers, modules=modules)
+        if len(cache) >= 64:  # a long session trying many selections
+            cache.clear()
+        cache[key] = names
+    return names
 
 
 class _StopForward(Exception):
@@ -343,8 +371,9 @@ def capture(
 
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
     modules = dict(module.named_modules())
-    names = select_layers(module, layers, modules=modules)
-    entries, notes = _run_hooks(module, modules, x, names, reduction, stop_early=stop_early)
+    structure = _structure(modules)
+    names = _selected(module, modules, structure, layers)
+    entries, notes = _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, structure=structure)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -372,64 +401,79 @@ def _run_hooks(
     *,
     stop_early: bool = True,
     copy_all: bool = False,
+    structure: tuple | None = None,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
-    """One hooked forward pass of ``module`` (``modules`` is its ``dict(named_modules())``)."""
+    """One hooked forward pass of ``module`` (``modules`` is its ``dict(named_modules())``,
+    ``structure`` its :func:`_structure` when the caller has it)."""
+    if structure is None:
+        structure = _structure(modules)
     wanted = {n: modules[n] for n in names}
-    key = _schedule_key(modules, x)
+    key = _schedule_key(structure, x)
     schedule = _SCHEDULES.get(module, {}).get(key)
     dirty = _DIRTY.get(module, {}).get(key, frozenset())
     stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
     counting = schedule is None
     counts: dict[str, int] = {}
-    # (path, call, module, slot, shape, top-k channels, stats): as little work as possible per call
-    records: list[tuple[str, int, nn.Module, _Slot, tuple[int, ...], tuple[int, ...] | None, Any]] = []
+    # (path, call, module, slot, full shape, top-k channels, stats): as little work as possible per
+    # call; the shape of a full output is read from the kept tensor afterwards
+    records: list[tuple[str, int, nn.Module, _Slot, tuple[int, ...] | None, tuple[int, ...] | None, Any]] = []
     notes: list[str] = []
     guard = _InplaceGuard()
-    watch = guard.watch
+    watched = guard.watched
+    pending = guard.pending
+    finish = guard.finish
     fired = 0
     Tensor = torch.Tensor
+    storage_key = _storage_key
 
     hooked = modules.items() if counting else wanted.items()
     paths = {id(mod): path for path, mod in hooked if path}
+    copying = set(wanted) if copy_all else dirty
 
-    # One function for every module (it finds the path from the module), so that a capture
-    # allocates little besides what it keeps: fewer objects for Python's garbage collector.
-    def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
+    # One global forward hook for the pass (registering one per module costs more than the pass's
+    # own Python work); it finds the path from the module and ignores modules of other models.
+    def hook(mod: nn.Module, inputs: Any, output: Any) -> torch.Tensor | None:
         nonlocal fired
-        path = paths[id(mod)]
+        mid = id(mod)
+        result = None
+        if pending:  # the guard ran this call of an in-place module out of place: finish that first
+            entry = pending.pop(mid, None)
+            if entry is not None:
+                output = result = finish(entry, output)
+        path = paths.get(mid)
+        if path is None:
+            return result
         call = counts[path] = counts.get(path, 0) + 1
         if path not in wanted:
-            return
+            return result
         if not isinstance(output, Tensor):
             name = _entry_name(path, call)
             notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
         else:
-            out = output.detach()  # a tensor of its own: the guard may re-point the model's one (set_)
+            out = output  # kept by reference: the guard makes an alias before it re-points it (set_)
             if reduction is not None and out.ndim >= 3:
                 name = _entry_name(path, call)
                 stats = compute_stats(out, name, kind_of(mod))
                 kept, chans = reduction.apply(out)
-                records.append((path, call, mod, _Slot(kept, 0, True), out.shape, chans, stats))
-            elif copy_all or path in dirty:
-                records.append((path, call, mod, _Slot(out.clone(), 0, True), out.shape, None, None))
+                records.append((path, call, mod, _Slot(kept, 0, True), tuple(out.shape), chans, stats))
+            elif path in copying:
+                records.append((path, call, mod, _Slot(out.clone(), 0, True), None, None, None))
             else:
                 slot = _Slot(out, out._version, False)
-                watch(slot)
-                records.append((path, call, mod, slot, out.shape, None, None))
+                watched.setdefault(storage_key(out), []).append(slot)
+                records.append((path, call, mod, slot, None, None, None))
         fired += 1
         if stop_after is not None and fired >= stop_after:
             raise _StopForward
+        return result
 
     handles = []
     try:
-        if not copy_all and reduction is None:  # guards first, so capture hooks see their results
+        if not copy_all and reduction is None:  # in-place modules: the guard
             for mod in modules.values():
-                if getattr(mod, "inplace", None) is True:
+                if vars(mod).get("inplace") is True:  # (getattr would go through nn.Module.__getattr__)
                     handles.append(mod.register_forward_pre_hook(guard.before))
-                    handles.append(mod.register_forward_hook(guard.after))
-        for path, mod in hooked:
-            if path:
-                handles.append(mod.register_forward_hook(hook))
+        handles.append(register_module_forward_hook(hook))
         with evaluating(module, modules.values()), torch.no_grad():
             try:
                 module(x)
@@ -441,29 +485,25 @@ def _run_hooks(
         guard.restore()
     if counting:
         _SCHEDULES.setdefault(module, {})[key] = Counter(counts)
-    changed = {path for path, _, _, s, *_ in records if not s.owned and s.tensor._version != s.version}
+    changed = {r[0] for r in records if not r[3].owned and r[3].tensor._version != r[3].version}
     if changed:
         # forward() code wrote into captured outputs: capture again, copying those (all, if that was not enough)
         _DIRTY.setdefault(module, {})[key] = dirty | changed
         records.clear()  # let this pass's outputs go before the next one
-        guard.watched.clear()
-        return _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty))
+        watched.clear()
+        return _run_hooks(
+            module, modules, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), structure=structure
+        )
+    spec = reduction.spec if reduction is not None else None
+    new = FeatureMap._fast
     entries = []
     for i, (path, call, mod, slot, shape, chans, stats) in enumerate(records):
+        tensor = slot.tensor
         entries.append(
-            FeatureMap(
-                name=_entry_name(path, call),
-                module=path,
-                kind=kind_of(mod),
-                type=type(mod).__name__,
-                index=i,
-                call=call,
-                shape=tuple(shape),
-                tensor=slot.tensor,
-                reduction=None if stats is None else reduction.spec,  # type: ignore[union-attr]
-                channels=chans,
-                _stats=stats,
-            )
+            new(
+                _entry_name(path, call), path, kind_of(mod), type(mod).__name__, i, call,
+                tuple(tensor.shape) if shape is None else shape, tensor, None if stats is None else spec, chans, stats,
+            )  # fmt: skip
         )
     if reduction is not None:
         flat = [e.name for e in entries if e.reduction is None]
