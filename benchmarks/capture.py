@@ -1,14 +1,15 @@
 """Capture speed and memory, as ratios to a bare forward pass measured in the same run.
 
-    python benchmarks/capture.py            # the full table (about 15 minutes on 2 cores)
+    python benchmarks/capture.py            # the full table (about 20 minutes on 2 cores)
     python benchmarks/capture.py --quick    # AlexNet and VGG16 at 224 only
 
 Time: each model runs in fresh child processes (so that what earlier models left in the heap does
 not count), configurations interleaved after a warm-up (which also teaches featuremaps where each
 model's forward pass may stop). In a process, the ratio is the median over repetitions of each
 capture's time over the bare pass timed just before it, which cancels the slow drifts of a shared
-machine; at 224x224 three processes run per model, and the table gives the median of their ratios
-and, in brackets, their range (processes differ more than repetitions do). The
+machine; at 224x224 five processes run per model, and the table gives the median of their ratios
+and, in brackets, their range (this shared machine's noise comes in episodes of seconds that slow
+memory-heavy rows most: a process that meets one reads up to 10% high). The
 reference row is a tutorial's plain hooks, which keep every output but are wrong under in-place
 ops: what keeping every output costs by itself.
 Peak memory: each configuration runs in a fresh child process, once to warm up (up to 1024x1024)
@@ -178,7 +179,7 @@ def bench_capture(name: str, size: int, reps: int, memory: bool, processes: int 
     """Each model in fresh processes, so that what earlier models left in the heap does not count.
     In each process the time ratio is the median over repetitions of (capture / the bare pass just
     before it); with several processes, the row gives the median of their ratios and their range
-    (processes differ more than repetitions do: heap layout, huge pages)."""
+    (noise on a shared machine comes in episodes of seconds: several processes spread the samples)."""
     runs = [measure_times(name, size, reps) for _ in range(processes)]
     ratios = {
         key: sorted(statistics.median(t / b for t, b in zip(run[key], run["bare forward"])) for run in runs)
@@ -261,7 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="AlexNet and VGG16 at 224 only")
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per process")
-    parser.add_argument("--processes", type=int, default=3, help="timing processes per model at 224x224")
+    parser.add_argument("--processes", type=int, default=5, help="timing processes per model at 224x224")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--time-child", help=argparse.SUPPRESS)
     parser.add_argument("--chain-time-child", help=argparse.SUPPRESS)
