@@ -15,7 +15,7 @@ from torchvision.models.feature_extraction import (
 )
 
 import featuremaps as fm
-from featuremaps.capture import _SCHEDULES
+from featuremaps.capture import _LEARNED
 from featuremaps.errors import LayerError
 
 ARCHS = [
@@ -227,7 +227,7 @@ def test_early_stop_skips_the_classifier_once_the_schedule_is_known():
         assert len(calls) == 2
     finally:
         handle.remove()
-    assert model in _SCHEDULES
+    assert model in _LEARNED and _LEARNED[model].schedules
 
 
 @pytest.mark.parametrize(
@@ -444,3 +444,17 @@ def test_captures_of_two_models_in_two_threads_do_not_mix():
             for name in maps:
                 torch.testing.assert_close(maps[name].tensor, alone[i][name].tensor, rtol=0, atol=0)
         assert no_hooks_left(models[i])
+
+
+def test_what_captures_learned_is_dropped_when_the_model_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(inplace=True)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert fm.capture(model, x, layers="conv").names == ["0"]
+    learned = _LEARNED[model]
+    assert fm.capture(model, x, layers="conv").names == ["0"] and _LEARNED[model] is learned
+    model[1] = nn.Conv2d(2, 2, 1)  # a new module tree: selections and schedules start again
+    maps = fm.capture(model, x, layers="conv")
+    assert maps.names == ["0", "1"] and _LEARNED[model] is not learned
+    with torch.no_grad():
+        torch.testing.assert_close(maps["1"].tensor, model(x))

@@ -123,10 +123,17 @@ def test_unknown_weights_name_lists_the_options():
         fm.load_model("vgg16", weights="IMAGENET9K")
 
 
-def test_offline_pretrained_fails_loudly_and_never_falls_back_to_random(offline):
+def test_offline_pretrained_fails_loudly_and_never_falls_back_to_random(offline, capsys):
     with pytest.raises(WeightsUnavailableError, match=r"vgg16/IMAGENET1K_V1 are not cached and cannot be downloaded .*put vgg16-397923af.pth into .*checkpoints.*random"):
         fm.load_model("vgg16", weights="DEFAULT", progress=False)
     assert fm.is_cached("vgg16") is False
+    quiet = capsys.readouterr()
+    assert "Downloading" not in quiet.out + quiet.err, "progress=False (--quiet) silences torch.hub's announcement"
+    with pytest.raises(WeightsUnavailableError):
+        fm.load_model("vgg16", weights="DEFAULT", progress=True)
+    shown = capsys.readouterr()
+    assert shown.out == "", "stdout is for results, not for torch.hub's announcement"
+    assert "Downloading" not in shown.err, "a failed load is one error, not an announcement and an error"
 
 
 def test_pretrained_weights_load_from_the_torch_hub_cache(offline):

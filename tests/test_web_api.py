@@ -141,6 +141,7 @@ def test_options_lists_every_choice(client):
     assert [m["name"] for m in o["models"]] == ["alexnet", "vgg11", "resnet18"]
     assert [w["id"] for w in o["weights"]] == ["random"]
     assert o["weights"][0]["pretrained"] is False
+    assert o["weights"][0]["label"] == "random (not pretrained)"
     assert o["modes"] == ["network", "conv", "conv-relu", "conv-pool"]
     assert set(o["reductions"]) >= {"mean", "max", "l2", "std"}
     assert o["norms"] == ["map", "layer", "global"]
@@ -573,8 +574,9 @@ def test_checkpoints_are_chosen_by_key_and_shown_without_their_path(tmp_path):
     app = create_app(models=(spec,), weights=("random",), checkpoints={"trained": tmp_path / "good.pth", "broken": tmp_path / "bad.pth"},
                      run_dir=tmp_path / "runs")
     with TestClient(app) as c:
-        ids = [w["id"] for w in c.get("/api/options").json()["weights"]]
-        assert ids == ["random", "checkpoint:broken", "checkpoint:trained"]
+        weights = c.get("/api/options").json()["weights"]
+        assert [w["id"] for w in weights] == ["random", "checkpoint:broken", "checkpoint:trained"]
+        assert [w["label"] for w in weights] == ["random (not pretrained)", "checkpoint broken", "checkpoint trained"]
         done = wait_done(c, start_run(c, model=spec, weights="checkpoint:trained", size="64")["id"])
         assert done["state"] == "done", done
         assert done["pretrained"] is True and done["weights"] == "checkpoint:trained"

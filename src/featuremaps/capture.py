@@ -27,7 +27,7 @@ import fnmatch
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -167,11 +167,17 @@ def select_layers(
 # -- in-place safety -------------------------------------------------------------------------------
 @dataclass(slots=True)
 class _Slot:
-    """A captured output, kept by reference until something is about to write into it."""
+    """One captured call: its output, kept by reference until something is about to write into it."""
 
+    path: str
+    call: int
+    module: nn.Module
     tensor: torch.Tensor
     version: int
     owned: bool  # True once it is our own memory (a copy, a reduction, or memory the model let go)
+    shape: tuple[int, ...] | None = None  # the full output's shape, when only a reduction is kept
+    channels: tuple[int, ...] | None = None  # top-k channels
+    stats: Any = None  # the full output's numbers, when only a reduction is kept
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -277,38 +283,47 @@ def evaluating(module: nn.Module, modules: "Sequence[nn.Module] | None" = None) 
             m.training = True
 
 
-# -- the schedule: how often each module runs, learned from a full pass ---------------------------
-_SCHEDULES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Counter]]" = weakref.WeakKeyDictionary()
-# Modules whose outputs the model's forward() code changes in place (ResNet's ``out += identity``),
-# learned from the version check: their outputs are copied in the hook from then on.
-_DIRTY: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, frozenset[str]]]" = weakref.WeakKeyDictionary()
+# -- what a capture learns about a model ------------------------------------------------------
+@dataclass(slots=True)
+class _Learned:
+    """What captures learned about one model, valid while its module tree stays the same."""
+
+    structure: tuple  # see _structure(); anything else learned is dropped when it changes
+    # ``layers=`` tokens -> the module paths they select
+    selections: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
+    # input (shape, dtype, device) -> calls per module path in one full pass: where a pass may stop
+    schedules: dict[tuple, Counter] = field(default_factory=dict)
+    # input -> modules whose outputs the model's forward() code changes in place (ResNet's
+    # ``out += identity``), found by the version check: their outputs are copied in the hook
+    dirty: dict[tuple, frozenset[str]] = field(default_factory=dict)
+
+    def select(self, module: nn.Module, modules: dict[str, nn.Module], layers: str | Sequence[str] | None) -> list[str]:
+        """:func:`select_layers`, remembered."""
+        key = tuple(_tokens(layers))
+        names = self.selections.get(key)
+        if names is None:
+            names = select_layers(module, layers, modules=modules)
+            if len(self.selections) >= 64:  # a long session trying many selections
+                self.selections.clear()
+            self.selections[key] = names
+        return names
 
 
-# What a ``layers=`` selection resolved to, per model and module tree (capture() resolves the same
-# selection again and again; the viewer and notebooks capture one model many times).
-_SELECTIONS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[str]]]" = weakref.WeakKeyDictionary()
+_LEARNED: "weakref.WeakKeyDictionary[nn.Module, _Learned]" = weakref.WeakKeyDictionary()
 
 
 def _structure(modules: dict[str, nn.Module]) -> tuple:
-    """The module tree as a hashable key: a module replaced anywhere changes it."""
+    """The module tree as a comparable value: a module replaced anywhere changes it."""
     return tuple((n, id(m), type(m)) for n, m in modules.items())
 
 
-def _schedule_key(structure: tuple, x: torch.Tensor) -> tuple:
-    return (tuple(x.shape), x.dtype, x.device.type, structure)
-
-
-def _selected(module: nn.Module, modules: dict[str, nn.Module], structure: tuple, layers: str | Sequence[str] | None) -> list[str]:
-    """:func:`select_layers`, remembered for this module tree."""
-    cache = _SELECTIONS.setdefault(module, {})
-    key = (structure, tuple(_tokens(layers)))
-    names = cache.get(key)
-    if names is None:
-        names = select_layers(module, layers, modules=modules)
-        if len(cache) >= 64:  # a long session trying many selections
-            cache.clear()
-        cache[key] = names
-    return names
+def _learned(module: nn.Module, modules: dict[str, nn.Module]) -> _Learned:
+    """What earlier captures learned about ``module`` (a fresh record when its tree changed)."""
+    structure = _structure(modules)
+    state = _LEARNED.get(module)
+    if state is None or state.structure != structure:
+        state = _LEARNED[module] = _Learned(structure)
+    return state
 
 
 class _StopForward(Exception):
@@ -374,9 +389,9 @@ def capture(
 
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
     modules = dict(module.named_modules())
-    structure = _structure(modules)
-    names = _selected(module, modules, structure, layers)
-    entries, notes = _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, structure=structure)
+    learned = _learned(module, modules)
+    names = learned.select(module, modules, layers)
+    entries, notes = _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, learned=learned)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -404,22 +419,20 @@ def _run_hooks(
     *,
     stop_early: bool = True,
     copy_all: bool = False,
-    structure: tuple | None = None,
+    learned: _Learned | None = None,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
     """One hooked forward pass of ``module`` (``modules`` is its ``dict(named_modules())``,
-    ``structure`` its :func:`_structure` when the caller has it)."""
-    if structure is None:
-        structure = _structure(modules)
+    ``learned`` what :func:`_learned` gives for it)."""
+    if learned is None:
+        learned = _learned(module, modules)
     wanted = {n: modules[n] for n in names}
-    key = _schedule_key(structure, x)
-    schedule = _SCHEDULES.get(module, {}).get(key)
-    dirty = _DIRTY.get(module, {}).get(key, frozenset())
+    key = (tuple(x.shape), x.dtype, x.device.type)
+    schedule = learned.schedules.get(key)
+    dirty = learned.dirty.get(key, frozenset())
     stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
     counting = schedule is None
     counts: dict[str, int] = {}
-    # (path, call, module, slot, full shape, top-k channels, stats): as little work as possible per
-    # call; the shape of a full output is read from the kept tensor afterwards
-    records: list[tuple[str, int, nn.Module, _Slot, tuple[int, ...] | None, tuple[int, ...] | None, Any]] = []
+    records: list[_Slot] = []  # as little work as possible per call: entries are made after the pass
     notes: list[str] = []
     guard = _InplaceGuard()
     watched = guard.watched
@@ -458,13 +471,13 @@ def _run_hooks(
                 name = _entry_name(path, call)
                 stats = compute_stats(out, name, kind_of(mod))
                 kept, chans = reduction.apply(out)
-                records.append((path, call, mod, _Slot(kept, 0, True), tuple(out.shape), chans, stats))
+                records.append(_Slot(path, call, mod, kept, 0, True, tuple(out.shape), chans, stats))
             elif path in copying:
-                records.append((path, call, mod, _Slot(out.clone(), 0, True), None, None, None))
+                records.append(_Slot(path, call, mod, out.clone(), 0, True))
             else:
-                slot = _Slot(out, out._version, False)
+                slot = _Slot(path, call, mod, out, out._version, False)
                 watched.setdefault(storage_key(out), []).append(slot)
-                records.append((path, call, mod, slot, None, None, None))
+                records.append(slot)
         fired += 1
         if stop_after is not None and fired >= stop_after:
             raise _StopForward
@@ -487,25 +500,23 @@ def _run_hooks(
             h.remove()
         guard.restore()
     if counting:
-        _SCHEDULES.setdefault(module, {})[key] = Counter(counts)
-    changed = {r[0] for r in records if not r[3].owned and r[3].tensor._version != r[3].version}
+        learned.schedules[key] = Counter(counts)
+    changed = {r.path for r in records if not r.owned and r.tensor._version != r.version}
     if changed:
         # forward() code wrote into captured outputs: capture again, copying those (all, if that was not enough)
-        _DIRTY.setdefault(module, {})[key] = dirty | changed
+        learned.dirty[key] = dirty | changed
         records.clear()  # let this pass's outputs go before the next one
         watched.clear()
-        return _run_hooks(
-            module, modules, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), structure=structure
-        )
+        return _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned)
     spec = reduction.spec if reduction is not None else None
     new = FeatureMap._fast
     entries = []
-    for i, (path, call, mod, slot, shape, chans, stats) in enumerate(records):
-        tensor = slot.tensor
+    for i, r in enumerate(records):
+        tensor, mod = r.tensor, r.module
         entries.append(
             new(
-                _entry_name(path, call), path, kind_of(mod), type(mod).__name__, i, call,
-                tuple(tensor.shape) if shape is None else shape, tensor, None if stats is None else spec, chans, stats,
+                _entry_name(r.path, r.call), r.path, kind_of(mod), type(mod).__name__, i, r.call,
+                tuple(tensor.shape) if r.shape is None else r.shape, tensor, None if r.stats is None else spec, r.channels, r.stats,
             )  # fmt: skip
         )
     if reduction is not None:

@@ -13,6 +13,7 @@ import difflib
 import http.client
 import importlib
 import importlib.util
+import io
 import os
 import pickle
 import socket
@@ -452,7 +453,8 @@ def load_model(
         else:
             enum = _weights_enum(name, wspec)
             try:
-                module = get_model(name, weights=enum, progress=progress)
+                with _download_messages(shown=progress):
+                    module = get_model(name, weights=enum, progress=progress)
             except _OFFLINE_ERRORS as exc:
                 raise WeightsUnavailableError(_offline_message(name, enum, exc)) from None
             except RuntimeError as exc:
@@ -467,6 +469,15 @@ def load_model(
     return Model(
         module=module.eval().to(dev), name=name, weights=wname, pretrained=pretrained, preprocessing=pre, categories=categories
     )
+
+
+@contextlib.contextmanager
+def _download_messages(shown: bool):
+    """torch.hub announces each download with a print, progress bar or not. Keep it off stdout
+    (which may carry a command's results) and out of a failed load's one-line error; the progress
+    bar (stderr) stays unless ``shown`` is off (``--quiet``)."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.nullcontext() if shown else contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _has_weights(name: str) -> bool:

@@ -103,6 +103,7 @@ from .jobs import (
     UnknownRun,
     Viewer,
     one_line,
+    weights_label,
 )
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -402,8 +403,10 @@ def _routes(app: FastAPI, viewer: Viewer, renderer: T.Tiles) -> None:
 
     @app.get("/api/options")
     def options() -> dict[str, Any]:
-        weights = [{"id": w, "label": _weights_label(w), "pretrained": w != "random"} for w in opts["weights"]]
-        weights += [{"id": f"checkpoint:{k}", "label": f"checkpoint {k}", "pretrained": True} for k in opts["checkpoints"]]
+        weights = [{"id": w, "label": weights_label(w), "pretrained": w != "random"} for w in opts["weights"]]
+        weights += [
+            {"id": f"checkpoint:{k}", "label": weights_label(f"checkpoint:{k}"), "pretrained": True} for k in opts["checkpoints"]
+        ]
         model_info = []
         for name in opts["models"]:
             cached_w = None
@@ -727,14 +730,6 @@ def _zip(folder: Path) -> str:
 
 def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
-
-
-def _weights_label(w: str) -> str:
-    if w == "random":
-        return "random (not pretrained)"
-    if w == "DEFAULT":
-        return "pretrained (DEFAULT)"
-    return f"pretrained ({w})"
 
 
 __all__ = ["create_app", "STATIC_DIR"]

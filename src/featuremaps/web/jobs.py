@@ -456,7 +456,7 @@ class Viewer:
         job.started = time.time()
         try:
             loaded = self.models.is_loaded(req.model, req.weights)
-            job.set("loading", f"{req.model} is loaded" if loaded else f"loading {req.model} ({_weights_label(req.weights)})")
+            job.set("loading", f"{req.model} is loaded" if loaded else f"loading {req.model}, {weights_label(req.weights)}")
             t0 = time.perf_counter()
             model, run_lock = self.models.get(req.model, req.weights)
             if req.size is not None:
@@ -566,12 +566,14 @@ class Viewer:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _weights_label(weights: str) -> str:
+def weights_label(weights: str) -> str:
+    """How the viewer names a weights choice (the menu, the progress line): ``random (not
+    pretrained)``, ``pretrained (DEFAULT)``, ``checkpoint NAME``."""
     if weights == "random":
-        return "random weights"
+        return "random (not pretrained)"
     if weights.startswith("checkpoint:"):
         return f"checkpoint {weights.split(':', 1)[1]}"
-    return f"pretrained {weights} weights"
+    return f"pretrained ({weights})"
 
 
 def _without_image(req: RunRequest) -> RunRequest:
