@@ -2,6 +2,7 @@
 
     python benchmarks/capture.py            # the full table (about 20 minutes on 2 cores)
     python benchmarks/capture.py --quick    # AlexNet and VGG16 at 224 only
+    python benchmarks/capture.py --only resnet50 --json out.json   # one model at 224, exact figures
 
 Time: each model runs in fresh child processes (so that what earlier models left in the heap does
 not count), configurations interleaved after a warm-up (which also teaches featuremaps where each
@@ -196,6 +197,7 @@ def bench_capture(name: str, size: int, reps: int, memory: bool, processes: int 
         }
         if processes > 1 and key != "bare forward":
             row["time_range"] = (ratios[key][0], ratios[key][-1])
+            row["time_ratios"] = ratios[key]  # one per process (for --json)
         if memory:
             row["peak_mb"] = mem[key]
             row["mem_ratio"] = mem[key] / mem["bare forward"]
@@ -261,6 +263,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="AlexNet and VGG16 at 224 only")
+    parser.add_argument("--only", choices=["alexnet", "vgg16", "resnet50"], help="this model at 224 only")
+    parser.add_argument("--json", help="also write every row, with unrounded figures, to this file")
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per process")
     parser.add_argument("--processes", type=int, default=5, help="timing processes per model at 224x224")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -281,12 +285,14 @@ def main() -> None:
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}", flush=True)
     rows = []
     jobs = [("alexnet", 224, args.reps, args.processes), ("vgg16", 224, args.reps, args.processes)]
-    if not args.quick:
+    if args.only:
+        jobs = [(args.only, 224, args.reps, args.processes)]
+    elif not args.quick:
         jobs += [("resnet50", 224, args.reps, args.processes), ("vgg16", 1024, 3, 1)]
     for name, size, reps, processes in jobs:
         rows += bench_capture(name, size, reps, memory=True, processes=processes)
         print(table(rows[-len(CONFIGS):]), flush=True)
-    if not args.quick:
+    if not (args.quick or args.only):
         rows += bench_memory_only("vgg16", 2048, ["every leaf, reduced (mean)"])
         print(table(rows[-2:]), flush=True)
         print("\nThe seed's conv chain on VGG16 (baseline: the plain loop that keeps every output)", flush=True)
@@ -294,6 +300,9 @@ def main() -> None:
         print(table(chain_rows), flush=True)
         rows += chain_rows
     print("\n" + table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
