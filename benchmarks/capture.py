@@ -36,12 +36,14 @@ import featuremaps as fm  # isort: skip  (before torch, as in the CLI: it asks f
 import torch
 import torch.nn.functional as F
 
+FLOOR = "reference: hand-written minimal correct capture (VGG, AlexNet: conv outputs; ResNet: every leaf)"
 CONFIGS = {
     "bare forward": None,
     "conv outputs": {"layers": "conv"},
     "every leaf output": {"layers": "all"},
     "every leaf, reduced (mean)": {"layers": "all", "reduce": "mean"},
     "reference: plain hooks keeping every leaf output (wrong under in-place ops)": "plain",
+    FLOOR: "floor",
 }
 
 
@@ -67,12 +69,84 @@ def plain_hooks(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return outputs
 
 
+def floor(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The least work that gives correct maps, written by hand for one model family without
+    featuremaps' generality: what featuremaps' own rows cannot go below.
+
+    VGG, AlexNet: the ``features`` loop up to the last conv, keeping each conv output, each ReLU
+    run out of place (the floor for "conv outputs": nothing after the last conv runs).
+    ResNet: one global hook keeping every leaf output; in-place ReLUs handed a kept output run out
+    of place with the model's tensor re-pointed at the result (``set_``); the BatchNorm outputs
+    that ``out += identity`` writes into (the last of each block) are copied (the floor for
+    "every leaf output")."""
+    features = getattr(module, "features", None)
+    with torch.no_grad():
+        if isinstance(features, torch.nn.Sequential):
+            layers = list(features)
+            last = max(i for i, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d))
+            outputs = []
+            for m in layers[: last + 1]:
+                if isinstance(m, torch.nn.Conv2d):
+                    x = m(x)
+                    outputs.append(x)
+                else:
+                    x = F.relu(x) if isinstance(m, torch.nn.ReLU) else m(x)
+            return outputs
+        return _resnet_floor(module, x)
+
+
+def _resnet_floor(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    from torch.nn.modules.module import register_module_forward_hook
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    leaves = {id(m) for n, m in module.named_modules() if n and next(m.children(), None) is None}
+    blocks = [b for b in module.modules() if isinstance(b, (BasicBlock, Bottleneck))]
+    added_to = {id(b.bn3 if isinstance(b, Bottleneck) else b.bn2) for b in blocks}
+    relus = [m for m in module.modules() if isinstance(m, torch.nn.ReLU) and m.inplace]
+    outputs: list[torch.Tensor] = []
+    kept: dict[int, int] = {}  # data_ptr of a kept output -> its index in outputs
+    pending: dict[int, torch.Tensor] = {}
+
+    def before(m, args):
+        i = kept.pop(args[0].data_ptr(), None)
+        if i is not None:
+            outputs[i] = args[0].detach()
+            m.inplace = False
+            pending[id(m)] = args[0]
+
+    def after(m, args, out):
+        t = pending.pop(id(m), None)
+        if t is not None:
+            m.inplace = True
+            t.set_(out)
+            out = t
+        if id(m) in leaves:
+            if id(m) in added_to:
+                outputs.append(out.clone())
+            else:
+                kept[out.data_ptr()] = len(outputs)
+                outputs.append(out)
+        return t
+
+    handles = [m.register_forward_pre_hook(before) for m in relus] + [register_module_forward_hook(after)]
+    try:
+        module(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in relus:
+            m.inplace = True
+    return outputs
+
+
 def run_config(model, x, config):
     if config is None:
         with torch.inference_mode():
             return model.module(x)
     if config == "plain":
         return plain_hooks(model.module, x)
+    if config == "floor":
+        return floor(model.module, x)
     return fm.capture(model, x, **config)
 
 
