@@ -1,6 +1,6 @@
 """Capture speed and memory, as ratios to a bare forward pass measured in the same run.
 
-    python benchmarks/capture.py            # the full table (about 20 minutes on 2 cores)
+    python benchmarks/capture.py            # the full table (about 15 minutes on 2 cores)
     python benchmarks/capture.py --quick    # AlexNet and VGG16 at 224 only
     python benchmarks/capture.py --only resnet50 --json out.json   # one model at 224, exact figures
 
