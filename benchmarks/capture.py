@@ -10,9 +10,10 @@ model's forward pass may stop). In a process, the ratio is the median over repet
 capture's time over the bare pass timed just before it, which cancels the slow drifts of a shared
 machine; at 224x224 five processes run per model, and the table gives the median of their ratios
 and, in brackets, their range (this shared machine's noise comes in episodes of seconds that slow
-memory-heavy rows most: a process that meets one reads up to 10% high). The
-reference row is a tutorial's plain hooks, which keep every output but are wrong under in-place
-ops: what keeping every output costs by itself.
+memory-heavy rows most: a process that meets one reads up to 10% high). Two reference rows are
+not featuremaps: a tutorial's plain hooks, which keep every output but are wrong under in-place
+ops (what keeping every output costs by itself), and a hand-written minimal correct capture for
+one model family (the floor; see ``floor()``).
 Peak memory: each configuration runs in a fresh child process, once to warm up (up to 1024x1024)
 and once measured; the figure is the rise of the peak resident set size (VmHWM, reset before the
 measured call), so model weights are not counted.
@@ -126,7 +127,7 @@ def _resnet_floor(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor
             else:
                 kept[out.data_ptr()] = len(outputs)
                 outputs.append(out)
-        return t
+        return t  # the model's own tensor, re-pointed; None (keep the output) when nothing ran out of place
 
     handles = [m.register_forward_pre_hook(before) for m in relus] + [register_module_forward_hook(after)]
     try:
@@ -210,12 +211,17 @@ def child(spec: str) -> None:
     print(json.dumps({"peak_mb": peak_rss_mb() - base}))
 
 
-def measure_memory(kind: str, name: str, size: int, key: str) -> float:
+def in_child(flag: str, spec: str):
+    """Run this script with ``flag spec`` in a fresh process; what it printed last, as JSON."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", f"{kind}|{name}|{size}|{key}"],
+        [sys.executable, __file__, flag, spec],
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_memory(kind: str, name: str, size: int, key: str) -> float:
+    return in_child("--child", f"{kind}|{name}|{size}|{key}")["peak_mb"]
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -229,25 +235,28 @@ def timed(fn, reps: int) -> list[float]:
     return times
 
 
+def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each function, after one warm-up call each (which also teaches featuremaps its
+    schedules), repetitions interleaved so that drifts of the shared machine hit every row alike."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            samples[key] += timed(fn, 1)
+    return samples
+
+
 def time_child(spec: str) -> None:
     """Time every configuration of one model in this (fresh) process; print the samples as JSON."""
     name, size, reps = spec.split("|")
     model, x = make(name, int(size))
-    for config in CONFIGS.values():  # warm-up (and schedules)
-        run_config(model, x, config)
-    samples: dict[str, list[float]] = {k: [] for k in CONFIGS}
-    for _ in range(int(reps)):  # interleaved, so drifts of the shared machine hit every row alike
-        for key, config in CONFIGS.items():
-            samples[key] += timed(lambda: run_config(model, x, config), 1)
-    print(json.dumps(samples))
+    fns = {key: (lambda config=config: run_config(model, x, config)) for key, config in CONFIGS.items()}
+    print(json.dumps(interleaved(fns, int(reps))))
 
 
 def measure_times(name: str, size: int, reps: int) -> dict[str, list[float]]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--time-child", f"{name}|{size}|{reps}"],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_child("--time-child", f"{name}|{size}|{reps}")
 
 
 def bench_capture(name: str, size: int, reps: int, memory: bool, processes: int = 1) -> list[dict]:
@@ -290,21 +299,12 @@ def bench_memory_only(name: str, size: int, keys: list[str]) -> list[dict]:
 def chain_time_child(spec: str) -> None:
     size, reps = (int(v) for v in spec.split("|"))
     model, x = make("vgg16", size)
-    for fn in CHAIN_CONFIGS.values():  # warm-up
-        fn(model, x)
-    samples: dict[str, list[float]] = {k: [] for k in CHAIN_CONFIGS}
-    for _ in range(reps):
-        for key, fn in CHAIN_CONFIGS.items():
-            samples[key] += timed(lambda: fn(model, x), 1)
-    print(json.dumps(samples))
+    fns = {key: (lambda fn=fn: fn(model, x)) for key, fn in CHAIN_CONFIGS.items()}
+    print(json.dumps(interleaved(fns, reps)))
 
 
 def bench_chain(size: int, reps: int) -> list[dict]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--chain-time-child", f"{size}|{reps}"],
-        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-    samples = json.loads(out.stdout.strip().splitlines()[-1])
+    samples = in_child("--chain-time-child", f"{size}|{reps}")
     base_key = next(iter(CHAIN_CONFIGS))
     mem = {k: measure_memory("chain", "vgg16", size, k) for k in CHAIN_CONFIGS}
     return [

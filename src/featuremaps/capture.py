@@ -419,12 +419,10 @@ def _run_hooks(
     *,
     stop_early: bool = True,
     copy_all: bool = False,
-    learned: _Learned | None = None,
+    learned: _Learned,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
     """One hooked forward pass of ``module`` (``modules`` is its ``dict(named_modules())``,
     ``learned`` what :func:`_learned` gives for it)."""
-    if learned is None:
-        learned = _learned(module, modules)
     wanted = {n: modules[n] for n in names}
     key = (tuple(x.shape), x.dtype, x.device.type)
     schedule = learned.schedules.get(key)
@@ -440,7 +438,6 @@ def _run_hooks(
     finish = guard.finish
     fired = 0
     Tensor = torch.Tensor
-    storage_key = _storage_key
 
     hooked = modules.items() if counting else wanted.items()
     paths = {id(mod): path for path, mod in hooked if path}
@@ -466,17 +463,16 @@ def _run_hooks(
             name = _entry_name(path, call)
             notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
         else:
-            out = output  # kept by reference: the guard makes an alias before it re-points it (set_)
-            if reduction is not None and out.ndim >= 3:
+            if reduction is not None and output.ndim >= 3:
                 name = _entry_name(path, call)
-                stats = compute_stats(out, name, kind_of(mod))
-                kept, chans = reduction.apply(out)
-                records.append(_Slot(path, call, mod, kept, 0, True, tuple(out.shape), chans, stats))
+                stats = compute_stats(output, name, kind_of(mod))
+                kept, chans = reduction.apply(output)
+                records.append(_Slot(path, call, mod, kept, 0, True, tuple(output.shape), chans, stats))
             elif path in copying:
-                records.append(_Slot(path, call, mod, out.clone(), 0, True))
-            else:
-                slot = _Slot(path, call, mod, out, out._version, False)
-                watched.setdefault(storage_key(out), []).append(slot)
+                records.append(_Slot(path, call, mod, output.clone(), 0, True))
+            else:  # kept by reference: the guard makes an alias before it re-points it (set_)
+                slot = _Slot(path, call, mod, output, output._version, False)
+                watched.setdefault(_storage_key(output), []).append(slot)
                 records.append(slot)
         fired += 1
         if stop_after is not None and fired >= stop_after:
