@@ -289,6 +289,25 @@ def test_stats_are_exact_on_a_known_tensor():
     assert stats.std == pytest.approx(torch.tensor([0, 2, 0, 3, 0, 0, 0, 0.0]).std(correction=0).item())
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_stats_of_large_maps_match_float64(layout):
+    """Millions of values: the numbers must not drift with float32 accumulation (one float32 norm
+    over these 16.8M values was 0.4% off; over VGG16's first map at 2048x2048, 9%)."""
+    from featuremaps.maps import compute_stats
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 512, 512 + 3 * (layout == "sliced")).relu_().add_(0.3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[..., 3:]  # a view with gaps between its rows
+    d = x.double()
+    got = compute_stats(x, "a", "act")
+    assert got.std == pytest.approx(d.std(correction=0).item(), rel=2e-5)
+    assert got.mean == pytest.approx(d.mean().item(), rel=2e-5)
+    assert got.zero_fraction == 0.0 and got.min == pytest.approx(0.3)
+
+
 def test_list_layers_reports_shapes_and_parameters(tiny):
     rows = fm.list_layers(tiny, size=16)
     assert [r.name for r in rows] == fm.select_layers(tiny, "all")
@@ -332,17 +351,6 @@ def test_capture_does_not_change_what_the_model_computes(arch):
         with torch.no_grad():
             torch.testing.assert_close(maps["conv"].tensor, model.conv(x))
         assert maps["conv"].tensor.min() < 0
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_capture_matches_cpu_and_stays_on_the_device():
-    cpu = fm.load_model("vgg11", weights="random", device="cpu")
-    gpu = fm.load_model("vgg11", weights="random", device="cuda")
-    x = torch.randn(1, 3, 64, 64)
-    a, b = fm.capture(cpu, x, layers="all"), fm.capture(gpu, x, layers="all")
-    assert all(e.tensor.device.type == "cuda" for e in b.entries)
-    for name in a:
-        torch.testing.assert_close(b[name].tensor.cpu(), a[name].tensor, rtol=1e-3, atol=1e-3)
 
 
 class ExplodingReLU(nn.ReLU):
