@@ -466,3 +466,13 @@ def test_what_captures_learned_is_dropped_when_the_model_changes():
     assert maps.names == ["0", "1"] and _LEARNED[model] is not learned
     with torch.no_grad():
         torch.testing.assert_close(maps["1"].tensor, model(x))
+    # deeper changes: a module added inside a child, and an in-place flag turned on by the user
+    model[0] = nn.Sequential(nn.Conv2d(3, 2, 3))
+    assert fm.capture(model, x, layers="conv").names == ["0.0", "1"]
+    model[0].add_module("act", nn.ReLU(inplace=False))
+    maps = fm.capture(model, x, layers="all")
+    assert maps.names == ["0.0", "0.act", "1"]
+    model[0].act.inplace = True  # same tree, new flag: the guard must see it
+    maps = fm.capture(model, x, layers="all")
+    assert maps["0.0"].tensor.min() < 0, "the in-place ReLU overwrote the captured conv output"
+    assert model[0].act.inplace is True and no_hooks_left(model)

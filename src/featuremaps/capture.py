@@ -229,6 +229,13 @@ class _InplaceGuard:
         watched = self.watched.pop(_storage_key(t), None)
         if not watched:
             return
+        if len(watched) == 1:  # the common case (a conv output handed to its ReLU), without the loops below
+            s = watched[0]
+            if s.tensor is t and t._version == s.version and t._base is None and _storage_users(t) == 1:
+                s.tensor = t.detach()  # an alias that keeps the old memory when t is re-pointed
+                object.__setattr__(module, "inplace", False)  # for this call only; put back in finish() or restore()
+                self.pending[id(module)] = (module, t, watched)
+                return
         # an output that forward() code already changed stays as it is, for the version check to see
         slots = [s for s in watched if s.tensor._version == s.version]
         if not slots:
@@ -288,7 +295,10 @@ def evaluating(module: nn.Module, modules: "Sequence[nn.Module] | None" = None) 
 class _Learned:
     """What captures learned about one model, valid while its module tree stays the same."""
 
-    structure: tuple  # see _structure(); anything else learned is dropped when it changes
+    tree: list  # see _tree(); anything else learned is dropped when it changes
+    modules: dict[str, nn.Module]  # dict(named_modules())
+    # the modules with an ``inplace`` attribute (their flag is read on every pass)
+    inplace_capable: list[nn.Module]
     # ``layers=`` tokens -> the module paths they select
     selections: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     # input (shape, dtype, device) -> calls per module path in one full pass: where a pass may stop
@@ -297,12 +307,12 @@ class _Learned:
     # ``out += identity``), found by the version check: their outputs are copied in the hook
     dirty: dict[tuple, frozenset[str]] = field(default_factory=dict)
 
-    def select(self, module: nn.Module, modules: dict[str, nn.Module], layers: str | Sequence[str] | None) -> list[str]:
+    def select(self, module: nn.Module, layers: str | Sequence[str] | None) -> list[str]:
         """:func:`select_layers`, remembered."""
         key = tuple(_tokens(layers))
         names = self.selections.get(key)
         if names is None:
-            names = select_layers(module, layers, modules=modules)
+            names = select_layers(module, layers, modules=self.modules)
             if len(self.selections) >= 64:  # a long session trying many selections
                 self.selections.clear()
             self.selections[key] = names
@@ -312,17 +322,32 @@ class _Learned:
 _LEARNED: "weakref.WeakKeyDictionary[nn.Module, _Learned]" = weakref.WeakKeyDictionary()
 
 
-def _structure(modules: dict[str, nn.Module]) -> tuple:
-    """The module tree as a comparable value: a module replaced anywhere changes it."""
-    return tuple((n, id(m), type(m)) for n, m in modules.items())
+def _tree(module: nn.Module) -> list:
+    """The module tree as a comparable value: a module added, removed, renamed or replaced
+    anywhere changes it. Read straight from each module's ``_modules``: several times cheaper than
+    ``named_modules()``, which a capture would otherwise walk on every call."""
+    out: list = [type(module)]
+
+    def walk(m: nn.Module) -> None:
+        for name, child in m._modules.items():
+            out.append(name)
+            if child is not None:
+                out.append(id(child))
+                out.append(type(child))
+                walk(child)
+
+    walk(module)
+    return out
 
 
-def _learned(module: nn.Module, modules: dict[str, nn.Module]) -> _Learned:
+def _learned(module: nn.Module) -> _Learned:
     """What earlier captures learned about ``module`` (a fresh record when its tree changed)."""
-    structure = _structure(modules)
+    tree = _tree(module)
     state = _LEARNED.get(module)
-    if state is None or state.structure != structure:
-        state = _LEARNED[module] = _Learned(structure)
+    if state is None or state.tree != tree:
+        modules = dict(module.named_modules())
+        capable = [m for m in modules.values() if "inplace" in vars(m)]  # (getattr would go through nn.Module.__getattr__)
+        state = _LEARNED[module] = _Learned(tree, modules, capable)
     return state
 
 
@@ -388,10 +413,9 @@ def capture(
         from .chains import run_chain
 
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
-    modules = dict(module.named_modules())
-    learned = _learned(module, modules)
-    names = learned.select(module, modules, layers)
-    entries, notes = _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, learned=learned)
+    learned = _learned(module)
+    names = learned.select(module, layers)
+    entries, notes = _run_hooks(module, x, names, reduction, stop_early=stop_early, learned=learned)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -412,7 +436,6 @@ def _entry_name(path: str, call: int) -> str:
 
 def _run_hooks(
     module: nn.Module,
-    modules: dict[str, nn.Module],
     x: torch.Tensor,
     names: list[str],
     reduction: Reduction | None,
@@ -421,8 +444,8 @@ def _run_hooks(
     copy_all: bool = False,
     learned: _Learned,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
-    """One hooked forward pass of ``module`` (``modules`` is its ``dict(named_modules())``,
-    ``learned`` what :func:`_learned` gives for it)."""
+    """One hooked forward pass of ``module`` (``learned``: what :func:`_learned` gives for it)."""
+    modules = learned.modules
     wanted = {n: modules[n] for n in names}
     key = (tuple(x.shape), x.dtype, x.device.type)
     schedule = learned.schedules.get(key)
@@ -472,7 +495,11 @@ def _run_hooks(
                 records.append(_Slot(path, call, mod, output.clone(), 0, True))
             else:  # kept by reference: the guard makes an alias before it re-points it (set_)
                 slot = _Slot(path, call, mod, output, output._version, False)
-                watched.setdefault(_storage_key(output), []).append(slot)
+                key = _storage_key(output)
+                if key in watched:
+                    watched[key].append(slot)
+                else:
+                    watched[key] = [slot]
                 records.append(slot)
         fired += 1
         if stop_after is not None and fired >= stop_after:
@@ -482,8 +509,8 @@ def _run_hooks(
     handles = []
     try:
         if not copy_all and reduction is None:  # in-place modules: the guard
-            for mod in modules.values():
-                if vars(mod).get("inplace") is True:  # (getattr would go through nn.Module.__getattr__)
+            for mod in learned.inplace_capable:
+                if vars(mod).get("inplace") is True:
                     handles.append(mod.register_forward_pre_hook(guard.before))
         handles.append(register_module_forward_hook(hook))
         with evaluating(module, modules.values()), torch.no_grad():
@@ -503,7 +530,7 @@ def _run_hooks(
         learned.dirty[key] = dirty | changed
         records.clear()  # let this pass's outputs go before the next one
         watched.clear()
-        return _run_hooks(module, modules, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned)
+        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned)
     spec = reduction.spec if reduction is not None else None
     new = FeatureMap._fast
     entries = []
