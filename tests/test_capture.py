@@ -476,3 +476,96 @@ def test_what_captures_learned_is_dropped_when_the_model_changes():
     maps = fm.capture(model, x, layers="all")
     assert maps["0.0"].tensor.min() < 0, "the in-place ReLU overwrote the captured conv output"
     assert model[0].act.inplace is True and no_hooks_left(model)
+
+
+# -- a plain nn.Sequential's children called by the pass itself ------------------------------------
+class Probe(nn.Module):
+    """A leaf that records how many global forward hooks exist while it runs (1: the capture went
+    through torch's hook machinery; 0: the pass called the children itself)."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x):
+        from torch.nn.modules import module as torch_module
+
+        self.seen.append(len(torch_module._global_forward_hooks))
+        return x
+
+
+class OwnForward(nn.Sequential):
+    def forward(self, x):  # not torch's own forward: the pass may not call the children itself
+        return super().forward(x)
+
+
+def test_sequential_children_are_called_directly_with_the_same_results():
+    torch.manual_seed(0)
+    model = get_model("vgg11", weights=None).eval()
+    seen: list[int] = []
+    model.features.insert(1, Probe(seen))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    seen.clear()
+    first = fm.capture(model, x, layers="conv")  # learns the schedule, through hooks
+    fast = fm.capture(model, x, layers="conv")  # calls the children itself
+    hooked = fm.capture(model, x, layers="conv", stop_early=False)
+    assert seen == [1, 0, 1]
+    assert fast.names == hooked.names == first.names and len(fast) == 8
+    for name in hooked:
+        assert torch.equal(fast[name].tensor, hooked[name].tensor), name
+        assert fast[name].tensor.min() < 0, f"{name} lost its negative values to an in-place ReLU"
+    reduced = fm.capture(model, x, layers="conv", reduce="max")
+    assert seen[-1] == 0 and reduced.names == fast.names
+    torch.testing.assert_close(reduced["features.0"].tensor, hooked["features.0"].tensor.amax(dim=1))
+    assert no_hooks_left(model) and all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+def test_sequential_fast_path_steps_aside_for_other_hooks_and_other_forwards():
+    torch.manual_seed(0)
+    seen: list[int] = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Probe(seen), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    fm.capture(model, x, layers="conv")
+    assert fm.capture(model, x, layers="conv")["0"].tensor.min() < 0 and seen == [1, 0]
+    # someone else's hook on a child: it must run where torch runs it, so the pass uses hooks
+    handle = model[0].register_forward_hook(lambda m, i, o: o * 0 + 7)
+    try:
+        maps = fm.capture(model, x, layers="conv")
+    finally:
+        handle.remove()
+    assert seen[-1] == 1
+    assert maps["0"].tensor.min() < 0, "the capture hook runs before the user's hook, as torch orders them"
+    torch.testing.assert_close(maps["3"].tensor, model[3](torch.full((1, 4, 10, 10), 7.0)))
+    # a Sequential with its own forward, and a child called twice: hooks
+    seen.clear()
+    other = OwnForward(nn.Conv2d(3, 4, 3), Probe(seen)).eval()
+    fm.capture(other, x, layers="all"), fm.capture(other, x, layers="all")
+    relu = nn.ReLU()
+    shared = nn.Sequential(nn.Conv2d(3, 4, 3), relu, Probe(seen), relu).eval()
+    fm.capture(shared, x, layers="all"), fm.capture(shared, x, layers="all")
+    assert seen == [1, 1, 1, 1]
+    assert no_hooks_left(model) and no_hooks_left(other) and no_hooks_left(shared)
+
+
+class Doubler(nn.Module):
+    def forward(self, x):
+        return x.mul_(2)  # writes into its input without an ``inplace`` flag
+
+
+def test_sequential_fast_path_keeps_outputs_that_a_child_writes_into():
+    torch.manual_seed(0)
+    seen: list[int] = []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), Doubler(), Probe(seen), nn.Conv2d(4, 2, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        conv = model[0](x)
+        want = model[3](conv * 2)
+    for _ in range(3):
+        maps = fm.capture(model, x, layers="conv")
+        torch.testing.assert_close(maps["0"].tensor, conv, rtol=0, atol=0)
+        torch.testing.assert_close(maps["3"].tensor, want, rtol=0, atol=0)
+    assert seen[-1] == 0  # (after the first captures learned what to copy)

@@ -16,7 +16,12 @@ Guarantees:
 - with a reduction, the hook keeps only the reduced map (and the layer's numbers), so full maps are
   never held;
 - the pass stops right after the last call of the last requested module (known from an earlier
-  pass of the same model at the same input shape), so a classifier that is not wanted never runs.
+  pass of the same model at the same input shape), so a classifier that is not wanted never runs;
+- when every requested module is a leaf child of one plain ``nn.Sequential`` (VGG's and AlexNet's
+  ``features``), and no one else's hooks are on it or its children, a pre-hook on that Sequential
+  calls its children itself, as torch's own ``Sequential.forward`` does, with the guard and the
+  capture hook called directly: no module call then goes through torch's hook machinery, which on
+  VGG16 costs about a millisecond per pass. The results are the same.
 """
 
 from __future__ import annotations
@@ -306,6 +311,9 @@ class _Learned:
     # input -> modules whose outputs the model's forward() code changes in place (ResNet's
     # ``out += identity``), found by the version check: their outputs are copied in the hook
     dirty: dict[tuple, frozenset[str]] = field(default_factory=dict)
+    # (input, selected paths) -> the plain nn.Sequential whose first children a pass may call
+    # itself, and those children (see _sequential_plan)
+    plans: dict[tuple, "tuple[nn.Sequential, tuple[nn.Module, ...]] | None"] = field(default_factory=dict)
 
     def select(self, module: nn.Module, layers: str | Sequence[str] | None) -> list[str]:
         """:func:`select_layers`, remembered."""
@@ -349,6 +357,44 @@ def _learned(module: nn.Module) -> _Learned:
         capable = [m for m in modules.values() if "inplace" in vars(m)]  # (getattr would go through nn.Module.__getattr__)
         state = _LEARNED[module] = _Learned(tree, modules, capable)
     return state
+
+
+def _sequential_plan(learned: _Learned, names: list[str], key: tuple) -> "tuple[nn.Sequential, tuple[nn.Module, ...]] | None":
+    """When every selected module is a leaf child of one plain ``nn.Sequential`` (its forward is
+    torch's own: each child called in turn on the last output), called once per pass like every
+    child up to the last selected one: that Sequential and those children. A pass can then call
+    them itself (see :func:`_run_hooks`). Remembered per input and selection."""
+    memo = (key, tuple(names))
+    if memo in learned.plans:
+        return learned.plans[memo]
+    plan = None
+    schedule = learned.schedules[key]
+    parents = {n.rpartition(".")[0] for n in names}
+    seq = learned.modules.get(next(iter(parents))) if len(parents) == 1 else None
+    if seq is not None and type(seq).forward is nn.Sequential.forward:
+        parent = next(iter(parents))
+        paths = [f"{parent}.{n}" if parent else n for n in seq._modules]
+        last = max(i for i, p in enumerate(paths) if p in names)
+        head = list(seq._modules.values())[: last + 1]
+        called_once = parent == "" or schedule.get(parent) == 1  # (the model itself runs once)
+        if called_once and all(c is not None and not c._modules and schedule.get(p) == 1 for c, p in zip(head, paths)):
+            plan = (seq, tuple(head))
+    if len(learned.plans) >= 64:
+        learned.plans.clear()
+    learned.plans[memo] = plan
+    return plan
+
+
+def _hookless(modules: Sequence[nn.Module]) -> bool:
+    """True when no hook of anyone else would run for these modules (global hooks included)."""
+    from torch.nn.modules import module as torch_module
+
+    if (
+        torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks
+    ):  # fmt: skip
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
 class _StopForward(Exception):
@@ -495,24 +541,47 @@ def _run_hooks(
                 records.append(_Slot(path, call, mod, output.clone(), 0, True))
             else:  # kept by reference: the guard makes an alias before it re-points it (set_)
                 slot = _Slot(path, call, mod, output, output._version, False)
-                key = _storage_key(output)
-                if key in watched:
-                    watched[key].append(slot)
+                storage = _storage_key(output)
+                if storage in watched:
+                    watched[storage].append(slot)
                 else:
-                    watched[key] = [slot]
+                    watched[storage] = [slot]
                 records.append(slot)
         fired += 1
         if stop_after is not None and fired >= stop_after:
             raise _StopForward
         return result
 
+    guarded = not copy_all and reduction is None  # in-place modules need the guard
+    plan = _sequential_plan(learned, names, key) if stop_after is not None else None
+    if plan is not None and not _hookless((plan[0], *plan[1])):
+        plan = None
+
+    def run_children(seq: nn.Module, args: tuple) -> None:
+        # What nn.Sequential.forward does, up to the last wanted child, with the guard and the
+        # capture hook called here instead of through torch's hook machinery: every module call
+        # then stays on torch's fast path, which on VGG16 saves about a millisecond per pass.
+        if len(args) != 1:
+            return  # torch's forward will say what is wrong
+        y = args[0]
+        for child in plan[1]:
+            if guarded and vars(child).get("inplace") is True:
+                guard.before(child, (y,))
+            out = child(y)
+            replaced = hook(child, (y,), out)  # raises _StopForward after the last wanted call
+            y = out if replaced is None else replaced
+        raise _StopForward
+
     handles = []
     try:
-        if not copy_all and reduction is None:  # in-place modules: the guard
-            for mod in learned.inplace_capable:
-                if vars(mod).get("inplace") is True:
-                    handles.append(mod.register_forward_pre_hook(guard.before))
-        handles.append(register_module_forward_hook(hook))
+        if plan is not None:
+            handles.append(plan[0].register_forward_pre_hook(run_children))
+        else:
+            if guarded:
+                for mod in learned.inplace_capable:
+                    if vars(mod).get("inplace") is True:
+                        handles.append(mod.register_forward_pre_hook(guard.before))
+            handles.append(register_module_forward_hook(hook))
         with evaluating(module, modules.values()), torch.no_grad():
             try:
                 module(x)
