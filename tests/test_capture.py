@@ -569,3 +569,30 @@ def test_sequential_fast_path_keeps_outputs_that_a_child_writes_into():
         torch.testing.assert_close(maps["0"].tensor, conv, rtol=0, atol=0)
         torch.testing.assert_close(maps["3"].tensor, want, rtol=0, atol=0)
     assert seen[-1] == 0  # (after the first captures learned what to copy)
+
+
+class SometimesCallsForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1))
+        self.direct = False
+
+    def forward(self, x):
+        if self.direct:
+            return self.features.forward(x)  # no __call__: a pre-hook on features does not run
+        return self.features(x)
+
+
+def test_sequential_fast_path_falls_back_when_the_sequential_is_not_called():
+    torch.manual_seed(0)
+    model = SometimesCallsForward().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        conv = model.features[0](x)
+    fm.capture(model, x, layers="conv"), fm.capture(model, x, layers="conv")  # learned: the fast path applies
+    model.direct = True
+    for _ in range(2):
+        maps = fm.capture(model, x, layers="conv")
+        assert maps.names == ["features.0", "features.2"]
+        torch.testing.assert_close(maps["features.0"].tensor, conv, rtol=0, atol=0)
+    assert no_hooks_left(model)

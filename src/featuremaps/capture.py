@@ -557,12 +557,16 @@ def _run_hooks(
     if plan is not None and not _hookless((plan[0], *plan[1])):
         plan = None
 
+    ran = False
+
     def run_children(seq: nn.Module, args: tuple) -> None:
         # What nn.Sequential.forward does, up to the last wanted child, with the guard and the
         # capture hook called here instead of through torch's hook machinery: every module call
         # then stays on torch's fast path, which on VGG16 saves about a millisecond per pass.
+        nonlocal ran
         if len(args) != 1:
             return  # torch's forward will say what is wrong
+        ran = True
         y = args[0]
         for child in plan[1]:
             if guarded and vars(child).get("inplace") is True:
@@ -591,6 +595,10 @@ def _run_hooks(
         for h in handles:
             h.remove()
         guard.restore()
+    if plan is not None and not ran:
+        # the Sequential was not called the usual way (forward() code called its .forward): hooks, from now on
+        learned.plans[(key, tuple(names))] = None
+        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=copy_all, learned=learned)
     if counting:
         learned.schedules[key] = Counter(counts)
     changed = {r.path for r in records if not r.owned and r.tensor._version != r.version}
