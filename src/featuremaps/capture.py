@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules import module as torch_module
 
 from .errors import LayerError
 from .maps import FeatureMap, FeatureMaps, compute_stats
@@ -234,13 +234,6 @@ class _InplaceGuard:
         watched = self.watched.pop(_storage_key(t), None)
         if not watched:
             return
-        if len(watched) == 1:  # the common case (a conv output handed to its ReLU), without the loops below
-            s = watched[0]
-            if s.tensor is t and t._version == s.version and t._base is None and _storage_users(t) == 1:
-                s.tensor = t.detach()  # an alias that keeps the old memory when t is re-pointed
-                object.__setattr__(module, "inplace", False)  # for this call only; put back in finish() or restore()
-                self.pending[id(module)] = (module, t, watched)
-                return
         # an output that forward() code already changed stays as it is, for the version check to see
         slots = [s for s in watched if s.tensor._version == s.version]
         if not slots:
@@ -370,9 +363,9 @@ def _sequential_plan(learned: _Learned, names: list[str], key: tuple) -> "tuple[
     plan = None
     schedule = learned.schedules[key]
     parents = {n.rpartition(".")[0] for n in names}
-    seq = learned.modules.get(next(iter(parents))) if len(parents) == 1 else None
+    parent = parents.pop() if len(parents) == 1 else None
+    seq = learned.modules.get(parent) if parent is not None else None
     if seq is not None and type(seq).forward is nn.Sequential.forward:
-        parent = next(iter(parents))
         paths = [f"{parent}.{n}" if parent else n for n in seq._modules]
         last = max(i for i, p in enumerate(paths) if p in names)
         head = list(seq._modules.values())[: last + 1]
@@ -387,8 +380,6 @@ def _sequential_plan(learned: _Learned, names: list[str], key: tuple) -> "tuple[
 
 def _hookless(modules: Sequence[nn.Module]) -> bool:
     """True when no hook of anyone else would run for these modules (global hooks included)."""
-    from torch.nn.modules import module as torch_module
-
     if (
         torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
         or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks
@@ -585,7 +576,7 @@ def _run_hooks(
                 for mod in learned.inplace_capable:
                     if vars(mod).get("inplace") is True:
                         handles.append(mod.register_forward_pre_hook(guard.before))
-            handles.append(register_module_forward_hook(hook))
+            handles.append(torch_module.register_module_forward_hook(hook))
         with evaluating(module, modules.values()), torch.no_grad():
             try:
                 module(x)
