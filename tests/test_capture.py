@@ -454,6 +454,65 @@ def test_captures_of_two_models_in_two_threads_do_not_mix():
         assert no_hooks_left(models[i])
 
 
+class SmallVgg(nn.Module):
+    """VGG's shape in small: in-place ReLUs after each conv, a pool, a head."""
+
+    def __init__(self):
+        super().__init__()
+
+        def block(c_in: int, c: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(*block(3, 16), *block(16, 16), nn.MaxPool2d(2), *block(16, 32), *block(32, 32))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_one_model_captured_from_several_threads_at_once():
+    # A pass flips the model's inplace flags and hooks it while it runs: without one pass at a time
+    # per model, the threads' passes ran each other's ReLUs in place and most maps came out wrong.
+    import threading
+
+    torch.manual_seed(0)
+    model = SmallVgg().eval()
+    x = torch.randn(1, 3, 96, 96)
+    jobs = {
+        "conv": lambda: fm.capture(model, x, layers="conv"),
+        "all": lambda: fm.capture(model, x, layers="all"),
+        "hooked": lambda: fm.capture(model, x, layers="all", stop_early=False),
+        "chain": lambda: fm.capture(model, x, mode="conv-relu"),
+        "layers": lambda: fm.list_layers(model, size=96),
+    }
+    alone = {k: job() for k, job in jobs.items()}
+    wrong: list[str] = []
+    errors: list[BaseException] = []
+
+    def work(key: str) -> None:
+        try:
+            for _ in range(15):
+                got = jobs[key]()
+                if key == "layers":
+                    if got != alone[key]:
+                        wrong.append(key)
+                elif got.names != alone[key].names or any(
+                    not torch.equal(got[n].tensor, alone[key][n].tensor) for n in got.names
+                ):
+                    wrong.append(key)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in [*jobs, "conv", "all"]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU)) and no_hooks_left(model)
+    assert not model.training
+
+
 def test_what_captures_learned_is_dropped_when_the_model_changes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(inplace=True)).eval()

@@ -8,6 +8,8 @@ Guarantees:
 - every hook handle is removed and every ``training`` and ``inplace`` flag restored in ``finally``,
   also when the forward pass raises: the model leaves unchanged, and computes exactly what it
   computes without featuremaps;
+- passes over one model run one at a time (:func:`exclusive`), as they change its flags while
+  they run; captures of different models run side by side;
 - in-place operations cannot corrupt a captured output: outputs are kept by reference; an in-place
   module handed one runs out of place for that call and the model's tensor is re-pointed at the
   result (or, when other views share that memory, the output is copied first); in-place ops in
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -274,6 +277,24 @@ class _InplaceGuard:
 
 
 # -- model state -----------------------------------------------------------------------------------
+_PASS_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_PASS_LOCKS_LOCK = threading.Lock()
+
+
+def exclusive(module: nn.Module) -> "threading.RLock":
+    """The lock that lets one featuremaps pass at a time run over ``module``: a pass changes the
+    model's ``training`` and ``inplace`` flags and hooks it while it runs, so two at once (threads
+    of a notebook or a server) would corrupt each other's maps. Captures of different models run
+    side by side."""
+    lock = _PASS_LOCKS.get(module)
+    if lock is None:
+        with _PASS_LOCKS_LOCK:
+            lock = _PASS_LOCKS.get(module)
+            if lock is None:
+                lock = _PASS_LOCKS[module] = threading.RLock()
+    return lock
+
+
 @contextlib.contextmanager
 def evaluating(module: nn.Module, modules: "Sequence[nn.Module] | None" = None) -> Iterator[nn.Module]:
     """Eval mode for the duration, each module's own ``training`` flag restored afterwards.
@@ -450,9 +471,10 @@ def capture(
         from .chains import run_chain
 
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
-    learned = _learned(module)
-    names = learned.select(module, layers)
-    entries, notes = _run_hooks(module, x, names, reduction, stop_early=stop_early, learned=learned)
+    with exclusive(module):
+        learned = _learned(module)
+        names = learned.select(module, layers)
+        entries, notes = _run_hooks(module, x, names, reduction, stop_early=stop_early, learned=learned)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -650,13 +672,14 @@ def list_layers(model: Model | nn.Module, *, size: int | tuple[int, int] | None 
 
         return hook
 
-    handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
-    try:
-        with evaluating(module), torch.no_grad():
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with exclusive(module):
+        handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
+        try:
+            with evaluating(module), torch.no_grad():
+                module(x)
+        finally:
+            for h in handles:
+                h.remove()
     return [
         LayerInfo(
             index=i,

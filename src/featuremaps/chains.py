@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .capture import _unwrap, evaluating, kind_of, match_layers
+from .capture import _unwrap, evaluating, exclusive, kind_of, match_layers
 from .errors import LayerError
 from .maps import FeatureMap, FeatureMaps, compute_stats
 from .memory import release_freed_memory
@@ -108,43 +108,44 @@ def run_chain(
     With ``reduce``, only the running tensor and the reduced maps are held.
     """
     module, info = _unwrap(model)
-    steps = chain_steps(model, chain)
-    by_name = dict(module.named_modules())
-    keep = set(match_layers([(n, by_name[n]) for n, _ in steps], layers)) if layers is not None else {n for n, _ in steps}
-    entries: list[FeatureMap] = []
-    input_size = (int(x.shape[-2]), int(x.shape[-1]))
-    with evaluating(module), torch.no_grad():
-        for name, group in steps:
-            for layer in group:
-                x = layer(x)
-            if reduce is not None:
-                # lean on memory: hand the step before's output back to the system at once, rather
-                # than keep it for reuse (featuremaps.memory), so the peak stays near two steps' outputs
-                release_freed_memory()
-            if name not in keep:
-                continue
-            layer0 = by_name[name]
-            kind = kind_of(layer0)
-            stats = chans = None
-            kept: Any = x
-            if reduce is not None and x.ndim >= 3:
-                stats = compute_stats(x, name, kind)
-                kept, chans = reduce.apply(x)
-            entries.append(
-                FeatureMap(
-                    name=name,
-                    module=name,
-                    kind=kind,
-                    type=type(layer0).__name__,
-                    index=len(entries),
-                    call=1,
-                    shape=tuple(x.shape),
-                    tensor=kept,
-                    reduction=reduce.spec if stats is not None and reduce is not None else None,
-                    channels=chans,
-                    _stats=stats,
+    with exclusive(module):  # one pass at a time per model: the steps read its in-place flags
+        steps = chain_steps(model, chain)
+        by_name = dict(module.named_modules())
+        keep = set(match_layers([(n, by_name[n]) for n, _ in steps], layers)) if layers is not None else {n for n, _ in steps}
+        entries: list[FeatureMap] = []
+        input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        with evaluating(module), torch.no_grad():
+            for name, group in steps:
+                for layer in group:
+                    x = layer(x)
+                if reduce is not None:
+                    # lean on memory: hand the step before's output back to the system at once, rather
+                    # than keep it for reuse (featuremaps.memory), so the peak stays near two steps' outputs
+                    release_freed_memory()
+                if name not in keep:
+                    continue
+                layer0 = by_name[name]
+                kind = kind_of(layer0)
+                stats = chans = None
+                kept: Any = x
+                if reduce is not None and x.ndim >= 3:
+                    stats = compute_stats(x, name, kind)
+                    kept, chans = reduce.apply(x)
+                entries.append(
+                    FeatureMap(
+                        name=name,
+                        module=name,
+                        kind=kind,
+                        type=type(layer0).__name__,
+                        index=len(entries),
+                        call=1,
+                        shape=tuple(x.shape),
+                        tensor=kept,
+                        reduction=reduce.spec if stats is not None and reduce is not None else None,
+                        channels=chans,
+                        _stats=stats,
+                    )
                 )
-            )
     return FeatureMaps(
         entries=tuple(entries),
         model=info.name if info else type(module).__name__,
