@@ -239,12 +239,18 @@ class _InplaceGuard:
         watched = self.watched.pop(_storage_key(t), None)
         if not watched:
             return
-        # an output that forward() code already changed stays as it is, for the version check to see
-        slots = [s for s in watched if s.tensor._version == s.version]
+        # an output that forward() code already changed stays as it is, for the version check to
+        # see; captures hold the model's own tensor objects: only other tensor objects add storage
+        # users. (One loop, no comprehensions: this runs with caches cold from the layer before.)
+        slots = []
+        others = set()
+        for s in watched:
+            if s.tensor._version == s.version:
+                slots.append(s)
+            if s.tensor is not t:
+                others.add(id(s.tensor))
         if not slots:
             return
-        # captures hold the model's own tensor objects: only other tensor objects add storage users
-        others = {id(s.tensor) for s in watched if s.tensor is not t}
         if t._base is None and _storage_users(t) == 1 + len(others):
             for s in watched:
                 if s.tensor is t:
