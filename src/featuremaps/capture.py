@@ -294,12 +294,10 @@ def exclusive(module: nn.Module) -> "threading.RLock":
     model's ``training`` and ``inplace`` flags and hooks it while it runs, so two at once (threads
     of a notebook or a server) would corrupt each other's maps. Captures of different models run
     side by side."""
-    lock = _PASS_LOCKS.get(module)
-    if lock is None:
-        with _PASS_LOCKS_LOCK:
-            lock = _PASS_LOCKS.get(module)
-            if lock is None:
-                lock = _PASS_LOCKS[module] = threading.RLock()
+    with _PASS_LOCKS_LOCK:
+        lock = _PASS_LOCKS.get(module)
+        if lock is None:
+            lock = _PASS_LOCKS[module] = threading.RLock()
     return lock
 
 
@@ -590,7 +588,7 @@ def _run_hooks(
         ran = True
         y = args[0]
         for child in plan[1]:
-            if guarded and watched and vars(child).get("inplace") is True and watched.pop(_storage_key(y), None):
+            if watched and vars(child).get("inplace") is True and watched.pop(_storage_key(y), None):
                 # Here featuremaps is the Sequential's forward, so only the next child sees what this
                 # in-place module returns: it runs out of place and the captured output keeps its
                 # values, with none of the guard's aliasing (whose Python, run with caches cold from
