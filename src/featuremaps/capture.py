@@ -571,7 +571,6 @@ def _run_hooks(
             raise _StopForward
         return result
 
-    guarded = not copy_all and reduction is None  # in-place modules need the guard
     plan = _sequential_plan(learned, names, key) if stop_after is not None else None
     if plan is not None and not _hookless((plan[0], *plan[1])):
         plan = None
@@ -609,7 +608,7 @@ def _run_hooks(
         if plan is not None:
             handles.append(plan[0].register_forward_pre_hook(run_children))
         else:
-            if guarded:
+            if not copy_all and reduction is None:  # in-place modules: the guard
                 for mod in learned.inplace_capable:
                     if vars(mod).get("inplace") is True:
                         handles.append(mod.register_forward_pre_hook(guard.before))
