@@ -78,13 +78,79 @@ def test_show_chain_mode_and_options(tmp_path):
 
 def test_existing_folder_needs_force(tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "mine.txt").write_text("keep")
-    r = run("show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out))
-    one_line_error(r, "already exists; choose another --out or use --force")
-    assert (out / "mine.txt").read_text() == "keep"
-    r = run("show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out), "--force", "-q")
-    assert r.exit_code == 0 and not (out / "mine.txt").exists() and (out / "manifest.json").exists()
+    args = ("show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out), "-q")
+    assert run(*args).exit_code == 0
+    first = json.loads((out / "manifest.json").read_text())["created"]
+    one_line_error(run(*args), r"already exists; choose another output folder \(--out\) or use --force")
+    r = run(*args, "--force")
+    assert r.exit_code == 0 and json.loads((out / "manifest.json").read_text())["created"] >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64"),
+        ("compare", "edge", "--models", "alexnet,alexnet", "--weights", "random", "--size", "64"),
+        ("compare", "edge", "--modes", "conv,conv-relu", "--model", "alexnet", "--weights", "random", "--size", "64"),
+        ("demo", "--weights", "random", "--size", "32"),
+    ],
+)
+def test_force_never_replaces_a_folder_featuremaps_did_not_write(tmp_path, command, monkeypatch):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("thesis")
+    loads = []
+    monkeypatch.setattr("featuremaps.models.load_model", lambda *a, **k: loads.append(a))  # refused before any model loads
+    r = run(*command, "--out", str(precious), "--force")
+    one_line_error(r, r"precious was not written by featuremaps \(no featuremaps manifest.json in it\), so --force will not replace it")
+    assert loads == [] and (precious / "thesis.txt").read_text() == "thesis" and sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def _launch(args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "featuremaps.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_part(tmp_path, proc, timeout=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        parts = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        if parts:
+            return parts[0]
+        time.sleep(0.005)
+    raise AssertionError(f"no temporary folder appeared (exit {proc.poll()}): {proc.stderr.read().decode()[-500:]}")
+
+
+@pytest.mark.slow
+def test_sigterm_while_writing_leaves_nothing_and_sigkill_leftovers_are_cleared(tmp_path):
+    import signal
+
+    args = ["show", "edge", "--model", "vgg11", "--weights", "random", "--mode", "conv-relu", "--size", "96",
+            "--save-maps", "all", "--out", "out", "-q"]
+    proc = _launch(args, tmp_path)
+    _wait_for_part(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr.decode()
+    assert stderr.decode().strip().splitlines()[-1] == "terminated; nothing was written"
+    assert list(tmp_path.iterdir()) == []
+    # kill -9 cannot be caught: it leaves a marked temporary folder, which the next run there clears
+    proc = _launch(args, tmp_path)
+    part = _wait_for_part(tmp_path, proc)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert part.exists()
+    proc = _launch(args[:-3] + ["--size", "32", "--out", "out", "-q"], tmp_path)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -49,13 +50,94 @@ def test_reduced_round_trip_keeps_reduction_and_channels(tmp_path, tiny):
 
 def test_existing_folder_is_kept_unless_overwrite(tmp_path, maps):
     folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / "keep.txt").write_text("mine")
-    with pytest.raises(RunError, match="already exists; choose another output folder or use --force"):
+    save_run(maps, folder)
+    with pytest.raises(RunError, match=r"already exists; choose another output folder \(--out\) or use --force"):
         save_run(maps, folder)
-    assert (folder / "keep.txt").read_text() == "mine"
-    save_run(maps, folder, overwrite=True)
-    assert not (folder / "keep.txt").exists() and (folder / "manifest.json").exists()
+    first = read_manifest(folder)["created"]
+    save_run(maps, folder, overwrite=True)  # a folder featuremaps wrote may be replaced
+    assert read_manifest(folder)["created"] >= first and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_overwrite_never_replaces_a_folder_featuremaps_did_not_write(tmp_path, maps):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("thesis")
+    with pytest.raises(RunError, match=r"precious was not written by featuremaps .*so --force will not replace it"):
+        save_run(maps, precious, overwrite=True)
+    assert (precious / "thesis.txt").read_text() == "thesis" and sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+    # a manifest.json that is not featuremaps' own does not count either
+    (precious / "manifest.json").write_text(json.dumps({"name": "my project"}))
+    with pytest.raises(RunError, match="was not written by featuremaps"):
+        save_run(maps, precious, overwrite=True)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    with pytest.raises(RunError, match="exists and is not a folder featuremaps wrote"):
+        save_run(maps, afile, overwrite=True)
+    assert afile.read_text() == "x"
+
+
+def test_overwrite_refuses_a_run_folder_with_files_added_to_it(tmp_path, maps):
+    folder = save_run(maps, tmp_path / "run")
+    assert "input.png" in read_manifest(folder)["files"] and "manifest.json" not in read_manifest(folder)["files"]
+    (folder / "maps" / "my_notes.md").write_text("mine")
+    with pytest.raises(RunError, match=r"holds files featuremaps did not write \(maps/my_notes.md\)"):
+        save_run(maps, folder, overwrite=True)
+    assert (folder / "maps" / "my_notes.md").read_text() == "mine"
+
+
+def test_the_old_run_survives_until_the_new_one_is_complete(tmp_path, maps):
+    from PIL import Image
+
+    folder = save_run(maps, tmp_path / "run")
+    before = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+    class Broken:
+        width = height = 1
+
+        def save(self, *a, **k):
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        save_run(maps, folder, pictures=[Picture("ok.png", Image.new("RGB", (2, 2))), Picture("a.png", Broken())], overwrite=True)  # type: ignore[list-item]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_comparison_or_demo_folder_is_not_loaded_as_a_run(tmp_path, maps):
+    from featuremaps.runs import write_manifest
+
+    (tmp_path / "cmp").mkdir()
+    write_manifest(tmp_path / "cmp", {"runs": []}, kind="comparison")
+    with pytest.raises(RunError, match=r"cmp is a comparison folder, not a run folder; its runs are in its subfolders"):
+        load_run(tmp_path / "cmp")
+
+
+def test_stale_parts_of_killed_runs_are_cleared_and_nothing_else(tmp_path, maps):
+    import subprocess
+    import sys
+
+    from featuremaps.runs import PARTIAL_MARKER, clear_stale_parts
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    def part(name, pid, marker=True):
+        p = tmp_path / f".{name}.tmp-{pid}-0123abcd"
+        p.mkdir()
+        (p / "big.npy").write_bytes(b"0" * 1000)
+        if marker:
+            (p / PARTIAL_MARKER).write_text(json.dumps({"pid": pid, "started": None}))
+        return p
+
+    stale = part("run", dead.pid)
+    unmarked = part("other", dead.pid, marker=False)  # not featuremaps' own: kept
+    live = part("busy", os.getpid())  # a live process's: kept
+    old_own = tmp_path / f".run.old-{dead.pid}-89abcdef"  # a replaced run, left by a kill between two renames
+    old_own.mkdir()
+    (old_own / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "run"}))
+    save_run(maps, tmp_path / "next")  # the next run in that folder clears what the dead process left
+    assert not stale.exists() and not old_own.exists()
+    assert unmarked.exists() and live.exists() and (tmp_path / "next" / "manifest.json").is_file()
+    assert clear_stale_parts(tmp_path) == []
 
 
 def test_failure_leaves_nothing_half_written(tmp_path, maps):

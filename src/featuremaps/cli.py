@@ -7,6 +7,7 @@ output folders are written completely or not at all.
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -73,9 +74,20 @@ def _user_errors():
     except FeatureMapsError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except Terminated:
+        err.print("terminated; nothing was written", markup=False)
+        raise typer.Exit(143) from None
     except KeyboardInterrupt:
         err.print("interrupted; nothing was written", markup=False)
         raise typer.Exit(130) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """``kill -TERM``: unwinds like Ctrl-C, so that half-written output folders are removed."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class _Steps:
@@ -236,10 +248,9 @@ def show_cmd(
 
 
 def _check_out(folder: Path, force: bool) -> None:
-    from .errors import RunError
+    from .runs import check_replaceable
 
-    if folder.exists() and not force:
-        raise RunError(f"{folder} already exists; choose another --out or use --force to replace it")
+    check_replaceable(folder, overwrite=force)
 
 
 @app.command("compare")
@@ -338,6 +349,10 @@ def serve_cmd(
 
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

@@ -4,7 +4,6 @@ several modes of one model (the seed's three chains side by side).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -13,10 +12,10 @@ from typing import Any
 from .errors import FeatureMapsError
 from .maps import FeatureMaps
 from .runs import (
-    SCHEMA_VERSION,
     Picture,
     atomic_folder,
     encode_pictures,
+    write_manifest,
     write_pictures,
     write_run,
 )
@@ -122,8 +121,7 @@ def compare_runs_to_folder(
             entries.append({"label": label, "folder": safe_name(label), "model": maps.model, "weights": maps.weights,
                             "pretrained": maps.pretrained, "mode": maps.mode})
         (tmp / "index.html").write_text(html_text, encoding="utf-8")
-        manifest = {"schema_version": SCHEMA_VERSION, "kind": "comparison", "source": str(source), "reduce": reduce,
-                    "norm": norm if isinstance(norm, str) else list(norm), "runs": entries,
-                    "pictures": [{"path": p.path, "kind": p.kind, "caption": p.caption} for p in pictures]}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        write_manifest(tmp, {"source": str(source), "reduce": reduce, "norm": norm if isinstance(norm, str) else list(norm),
+                             "runs": entries, "pictures": [{"path": p.path, "kind": p.kind, "caption": p.caption} for p in pictures]},
+                       kind="comparison")
     return Path(folder)

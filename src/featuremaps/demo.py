@@ -14,7 +14,6 @@ the demo says so loudly (terminal and report title) and runs with random weights
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +22,11 @@ from pathlib import Path
 from .errors import WeightsUnavailableError
 from .maps import FeatureMaps
 from .runs import (
-    SCHEMA_VERSION,
     Picture,
     atomic_folder,
     encode_pictures,
     manifest_for,
+    write_manifest,
     write_pictures,
 )
 
@@ -193,7 +192,7 @@ def run_demo(
     html_text = build_report(title=title, sections=sections, warning=warning,
                              meta={"weights": weights_text, "input size": f"{size}x{size}", "device": str(device)})
     manifest = {
-        "schema_version": SCHEMA_VERSION, "kind": "demo", "pretrained": pretrained, "weights": weights_text,
+        "pretrained": pretrained, "weights": weights_text,
         "runs": {f"chain {k}": manifest_for(v, raw=False) for k, v in chains.items()}
         | {f"network {k}": manifest_for(v, raw=False) for k, v in networks.items()}
         | {f"alexnet {cmp_name}": manifest_for(alex_maps, raw=False)},
@@ -202,6 +201,6 @@ def run_demo(
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         write_pictures(tmp, all_pics)
         (tmp / "index.html").write_text(html_text, encoding="utf-8")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        write_manifest(tmp, manifest, kind="demo")
     step("wrote the report")
     return DemoResult(folder=Path(folder), pretrained=pretrained, weights=weights_text, chains=chains, networks=networks)
