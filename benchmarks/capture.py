@@ -355,8 +355,11 @@ def main() -> None:
         chain_time_child(args.chain_time_child)
         return
     torch.set_grad_enabled(True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}",
+        flush=True,
+    )
     rows = []
     jobs = [("alexnet", 224, args.reps, args.processes), ("vgg16", 224, args.reps, args.processes)]
     if args.only:
@@ -365,7 +368,7 @@ def main() -> None:
         jobs += [("resnet50", 224, args.reps, args.processes), ("vgg16", 1024, 3, 1)]
     for name, size, reps, processes in jobs:
         rows += bench_capture(name, size, reps, memory=True, processes=processes)
-        print(table(rows[-len(CONFIGS):]), flush=True)
+        print(table(rows[-len(CONFIGS) :]), flush=True)
     if not (args.quick or args.only):
         rows += bench_memory_only("vgg16", 2048, ["every leaf, reduced (mean)"])
         print(table(rows[-2:]), flush=True)

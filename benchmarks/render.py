@@ -74,7 +74,9 @@ def capture_convs(model: torch.nn.Module, x: torch.Tensor) -> FeatureMaps:
         for h in hooks:
             h.remove()
     entries = tuple(
-        FeatureMap(name=n, module=n, kind="conv", type=type(m).__name__, index=i, call=1, shape=tuple(o.shape), tensor=o)
+        FeatureMap(
+            name=n, module=n, kind="conv", type=type(m).__name__, index=i, call=1, shape=tuple(o.shape), tensor=o
+        )
         for i, (n, m, o) in enumerate(outs)
     )
     return FeatureMaps(entries, model="vgg16", weights="random(seed=0)", mode="conv", input_size=tuple(x.shape[-2:]))
@@ -144,21 +146,31 @@ def main(argv: list[str] | None = None) -> int:
     show_command(model, x)  # warm-up (and the capture schedule)
     show = statistics.median(show_command(model, x) for _ in range(args.runs))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
-          f"{len(maps)} conv layers, {channels} channels, {pixels / 1e6:.1f} M values\n")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
+        f"{len(maps)} conv layers, {channels} channels, {pixels / 1e6:.1f} M values\n"
+    )
     print("| step | seconds | x bare forward | channels rendered | PNG MB |")
     print("|---|---:|---:|---:|---:|")
     print(f"| (a) bare VGG16 forward, 224x224 (median of {args.runs}) | {fwd:.3f} | 1.0 | - | - |")
-    print(f"| (b) featuremaps render_layer_grids, all channels (median of {args.runs}) | {fm:.3f} | {fm / fwd:.2f} | "
-          f"{channels} | {fm_bytes / 1e6:.1f} |")
+    print(
+        f"| (b) featuremaps render_layer_grids, all channels (median of {args.runs}) | {fm:.3f} | {fm / fwd:.2f} | "
+        f"{channels} | {fm_bytes / 1e6:.1f} |"
+    )
     if seed is not None:
-        print(f"| (c) seed: matplotlib 2x8 imshow + savefig per layer (1 run) | {seed[0]:.3f} | {seed[0] / fwd:.1f} | "
-              f"{16 * len(maps)} | {seed[1] / 1e6:.1f} |")
-    print(f"| (d) the whole `show` (capture + every grid, overview, overlay, report, raw maps; median of {args.runs}) "
-          f"| {show:.3f} | {show / fwd:.2f} | {channels} | - |")
+        print(
+            f"| (c) seed: matplotlib 2x8 imshow + savefig per layer (1 run) | {seed[0]:.3f} | {seed[0] / fwd:.1f} | "
+            f"{16 * len(maps)} | {seed[1] / 1e6:.1f} |"
+        )
+    print(
+        f"| (d) the whole `show` (capture + every grid, overview, overlay, report, raw maps; median of {args.runs}) "
+        f"| {show:.3f} | {show / fwd:.2f} | {channels} | - |"
+    )
     verdict = "meets" if fm <= 2 * fwd else "misses"
     print(f"\n(b) {verdict} the target of <= 2x the bare forward pass ({fm / fwd:.2f}x).")
-    print(f"(d) {'meets' if show <= 3 * fwd else 'misses'} the target of <= 3x the bare forward pass ({show / fwd:.2f}x).")
+    print(
+        f"(d) {'meets' if show <= 3 * fwd else 'misses'} the target of <= 3x the bare forward pass ({show / fwd:.2f}x)."
+    )
     return 0
 
 

@@ -15,8 +15,8 @@ from torchvision.models.feature_extraction import (
 )
 
 import featuremaps as fm
-from featuremaps.capture import _LEARNED
 from featuremaps.errors import LayerError
+from featuremaps.hooks import _LEARNED
 
 ARCHS = [
     ("vgg16", 64),
@@ -70,7 +70,9 @@ def fx_name(name: str) -> str:
 @pytest.mark.parametrize("arch,size", ARCHS)
 def test_every_leaf_output_equals_the_oracle(arch, size):
     torch.manual_seed(0)
-    model = get_model(arch, weights=None, **({"aux_logits": False, "init_weights": True} if arch == "googlenet" else {})).eval()
+    model = get_model(
+        arch, weights=None, **({"aux_logits": False, "init_weights": True} if arch == "googlenet" else {})
+    ).eval()
     x = torch.randn(1, 3, size, size)
     _, eval_nodes = get_graph_node_names(model)
     modules = dict(model.named_modules())
@@ -193,11 +195,15 @@ def test_reduction_in_hook_matches_reduction_afterwards(tiny, method):
     red = fm.capture(tiny, x, layers="conv", reduce=method)
     for name in full:
         assert red[name].tensor.shape == (1, 16 if name == "features.0" else 8, 16 if name == "features.0" else 8)
-        torch.testing.assert_close(torch.from_numpy(red[name].reduced(method)), torch.from_numpy(full[name].reduced(method)))
+        torch.testing.assert_close(
+            torch.from_numpy(red[name].reduced(method)), torch.from_numpy(full[name].reduced(method))
+        )
         assert red[name].stats == full[name].stats  # numbers of the full output, kept in the hook
         assert red[name].shape == full[name].shape
     ref = full["features.0"].tensor[0]
-    want = {"mean": ref.mean(0), "max": ref.amax(0), "l2": ref.pow(2).sum(0).sqrt(), "std": ref.std(0, correction=0)}[method]
+    want = {"mean": ref.mean(0), "max": ref.amax(0), "l2": ref.pow(2).sum(0).sqrt(), "std": ref.std(0, correction=0)}[
+        method
+    ]
     torch.testing.assert_close(red["features.0"].tensor[0], want)
 
 
@@ -312,7 +318,12 @@ def test_list_layers_reports_shapes_and_parameters(tiny):
     rows = fm.list_layers(tiny, size=16)
     assert [r.name for r in rows] == fm.select_layers(tiny, "all")
     first = rows[0]
-    assert (first.kind, first.type, first.output_shape, first.parameters) == ("conv", "Conv2d", (1, 4, 16, 16), 4 * 3 * 9 + 4)
+    assert (first.kind, first.type, first.output_shape, first.parameters) == (
+        "conv",
+        "Conv2d",
+        (1, 4, 16, 16),
+        4 * 3 * 9 + 4,
+    )
     assert rows[-1].output_shape == (1, 5)
     assert all(not m._forward_hooks for m in tiny.modules())
 
@@ -388,7 +399,9 @@ def test_an_output_passed_on_as_the_same_object_survives_an_inplace_relu():
     # Identity (and Dropout in eval mode) hand on the very tensor they got: two captures of one
     # object, then an in-place ReLU on it
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)
+    ).eval()
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         conv = model[0](x)

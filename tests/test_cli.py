@@ -32,7 +32,21 @@ def test_version_and_help():
     assert r.exit_code == 0 and r.stdout.strip() == f"featuremaps {featuremaps.__version__}"
     r = run("show", "--help")
     assert r.exit_code == 0
-    for option in ("--model", "--weights", "--mode", "--layers", "--reduce", "--channels", "--norm", "--cmap", "--size", "--device", "--out", "--force", "--quiet"):
+    for option in (
+        "--model",
+        "--weights",
+        "--mode",
+        "--layers",
+        "--reduce",
+        "--channels",
+        "--norm",
+        "--cmap",
+        "--size",
+        "--device",
+        "--out",
+        "--force",
+        "--quiet",
+    ):
         assert option in r.stdout, option
 
 
@@ -49,26 +63,74 @@ def test_show_writes_a_complete_folder(tmp_path):
     assert r.exit_code == 0, r.output
     assert f"wrote {out}/" in r.stdout and "features.10" in r.stdout  # the stats table
     assert "RANDOM weights" in r.stderr
-    for name in ("manifest.json", "index.html", "overview.png", "overlay.png", "side_by_side.png", "filters.png", "input.png"):
+    for name in (
+        "manifest.json",
+        "index.html",
+        "overview.png",
+        "overlay.png",
+        "side_by_side.png",
+        "filters.png",
+        "input.png",
+    ):
         assert (out / name).is_file(), name
     grids = sorted(p.name for p in (out / "grids").iterdir())
-    assert grids == ["000_features.0.png", "001_features.3.png", "002_features.6.png", "003_features.8.png", "004_features.10.png"]
+    assert grids == [
+        "000_features.0.png",
+        "001_features.3.png",
+        "002_features.6.png",
+        "003_features.8.png",
+        "004_features.10.png",
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["schema_version"] == 1
-    assert (manifest["model"], manifest["weights"], manifest["mode"], manifest["pretrained"]) == ("alexnet", "random(seed=0)", "network", False)
-    assert [layer["name"] for layer in manifest["layers"]] == ["features.0", "features.3", "features.6", "features.8", "features.10"]
+    assert (manifest["model"], manifest["weights"], manifest["mode"], manifest["pretrained"]) == (
+        "alexnet",
+        "random(seed=0)",
+        "network",
+        False,
+    )
+    assert [layer["name"] for layer in manifest["layers"]] == [
+        "features.0",
+        "features.3",
+        "features.6",
+        "features.8",
+        "features.10",
+    ]
     assert manifest["layers"][0]["shape"] == [1, 64, 15, 15]
     assert set(manifest["layers"][0]["stats"]) >= {"min", "max", "mean", "std", "zero_fraction", "dead_fraction"}
     assert manifest["render"]["norm"] == "map" and manifest["source"] == "sample:chelsea"
     html = (out / "index.html").read_text()
-    assert "RANDOM WEIGHTS" in html and "data:image/png;base64," in html and "http" not in html.split("<body>")[1].split("featuremaps-stats")[0]
+    assert (
+        "RANDOM WEIGHTS" in html
+        and "data:image/png;base64," in html
+        and "http" not in html.split("<body>")[1].split("featuremaps-stats")[0]
+    )
     assert featuremaps.runs.load_run(out).names == [layer["name"] for layer in manifest["layers"]]
 
 
 def test_show_chain_mode_and_options(tmp_path):
     out = tmp_path / "pool"
-    r = run("show", "edge", "--model", "vgg11", "--weights", "random", "--size", "32", "--mode", "conv-pool",
-            "--channels", "top4", "--norm", "global", "--cmap", "magma", "--out", str(out), "--quiet")
+    r = run(
+        "show",
+        "edge",
+        "--model",
+        "vgg11",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--mode",
+        "conv-pool",
+        "--channels",
+        "top4",
+        "--norm",
+        "global",
+        "--cmap",
+        "magma",
+        "--out",
+        str(out),
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout == "" and r.stderr == ""
     manifest = json.loads((out / "manifest.json").read_text())
@@ -100,11 +162,17 @@ def test_force_never_replaces_a_folder_featuremaps_did_not_write(tmp_path, comma
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("thesis")
-    loads = []
-    monkeypatch.setattr("featuremaps.models.load_model", lambda *a, **k: loads.append(a))  # refused before any model loads
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the output folder was checked")
+
+    monkeypatch.setattr("torchvision.models.get_model", no_model)  # refused before any model is built
     r = run(*command, "--out", str(precious), "--force")
-    one_line_error(r, r"precious was not written by featuremaps \(no featuremaps manifest.json in it\), so --force will not replace it")
-    assert loads == [] and (precious / "thesis.txt").read_text() == "thesis" and sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+    one_line_error(
+        r,
+        r"precious was not written by featuremaps \(no featuremaps manifest.json in it\), so --force will not replace it",
+    )
+    assert (precious / "thesis.txt").read_text() == "thesis"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
 def _launch(args, cwd):
@@ -113,8 +181,13 @@ def _launch(args, cwd):
     import sys
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "featuremaps.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "featuremaps.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for_part(tmp_path, proc, timeout=120.0):
@@ -133,8 +206,23 @@ def _wait_for_part(tmp_path, proc, timeout=120.0):
 def test_sigterm_while_writing_leaves_nothing_and_sigkill_leftovers_are_cleared(tmp_path):
     import signal
 
-    args = ["show", "edge", "--model", "vgg11", "--weights", "random", "--mode", "conv-relu", "--size", "96",
-            "--save-maps", "all", "--out", "out", "-q"]
+    args = [
+        "show",
+        "edge",
+        "--model",
+        "vgg11",
+        "--weights",
+        "random",
+        "--mode",
+        "conv-relu",
+        "--size",
+        "96",
+        "--save-maps",
+        "all",
+        "--out",
+        "out",
+        "-q",
+    ]
     proc = _launch(args, tmp_path)
     _wait_for_part(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
@@ -181,7 +269,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path, args, pattern):
 
 @pytest.mark.parametrize(
     "content,pattern",
-    [(b"", r"empty"), (b"hello, I am text", r"not an image"), (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", r"truncated|corrupt|cannot")],
+    [
+        (b"", r"empty"),
+        (b"hello, I am text", r"not an image"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", r"truncated|corrupt|cannot"),
+    ],
 )
 def test_bad_images(tmp_path, content, pattern):
     bad = tmp_path / "bad.png"
@@ -205,16 +297,46 @@ def test_offline_pretrained_is_a_clear_error(offline, tmp_path):
 
 def test_compare_models_and_modes(tmp_path):
     out = tmp_path / "cmp"
-    r = run("compare", "chelsea", "--models", "alexnet,vgg11", "--weights", "random", "--size", "64", "--out", str(out), "-q")
+    r = run(
+        "compare",
+        "chelsea",
+        "--models",
+        "alexnet,vgg11",
+        "--weights",
+        "random",
+        "--size",
+        "64",
+        "--out",
+        str(out),
+        "-q",
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "comparison" and [e["label"] for e in manifest["runs"]] == ["alexnet", "vgg11"]
     assert (out / "compare.png").is_file() and (out / "alexnet" / "manifest.json").is_file()
     assert len(featuremaps.runs.load_run(out / "vgg11")) == 8
     out2 = tmp_path / "modes"
-    r = run("compare", "edge", "--modes", "conv,conv-relu,conv-pool", "--model", "vgg11", "--weights", "random", "--size", "32", "--out", str(out2), "-q")
+    r = run(
+        "compare",
+        "edge",
+        "--modes",
+        "conv,conv-relu,conv-pool",
+        "--model",
+        "vgg11",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--out",
+        str(out2),
+        "-q",
+    )
     assert r.exit_code == 0, r.output
-    assert [e["mode"] for e in json.loads((out2 / "manifest.json").read_text())["runs"]] == ["conv", "conv-relu", "conv-pool"]
+    assert [e["mode"] for e in json.loads((out2 / "manifest.json").read_text())["runs"]] == [
+        "conv",
+        "conv-relu",
+        "conv-pool",
+    ]
     one_line_error(run("compare", "edge", "--out", str(tmp_path / "x")), "give either --models A,B or --modes")
 
 
@@ -227,8 +349,16 @@ def test_demo_offline_says_random_loudly(offline, tmp_path):
     assert "<title>featuremaps demo: what VGG16 sees — RANDOM WEIGHTS" in html
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pretrained"] is False and manifest["kind"] == "demo"
-    assert len(manifest["runs"]["chain conv"]["layers"]) == 13 and len(manifest["runs"]["chain conv-pool"]["layers"]) == 18
-    for name in ("chains_compare.png", "edge_vs_layer13.png", "vgg16_vs_alexnet.png", "filters_vgg16_conv1.png", "network_edge_overview.png"):
+    assert (
+        len(manifest["runs"]["chain conv"]["layers"]) == 13 and len(manifest["runs"]["chain conv-pool"]["layers"]) == 18
+    )
+    for name in (
+        "chains_compare.png",
+        "edge_vs_layer13.png",
+        "vgg16_vs_alexnet.png",
+        "filters_vgg16_conv1.png",
+        "network_edge_overview.png",
+    ):
         assert (out / name).is_file(), name
 
 
@@ -239,5 +369,10 @@ def test_serve_is_a_thin_shell(monkeypatch):
     monkeypatch.setattr(web, "serve", lambda **kw: seen.update(kw))
     r = run("serve", "--port", "8123", "--models", "alexnet,vgg16", "--weights", "random")
     assert r.exit_code == 0, r.output
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and seen["models"] == ["alexnet", "vgg16"] and seen["weights"] == ["random"]
+    assert (
+        seen["host"] == "127.0.0.1"
+        and seen["port"] == 8123
+        and seen["models"] == ["alexnet", "vgg16"]
+        and seen["weights"] == ["random"]
+    )
     one_line_error(run("serve", "--checkpoint", "broken"), "--checkpoint takes NAME=PATH")

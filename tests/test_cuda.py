@@ -144,7 +144,9 @@ def test_pictures_numbers_and_saved_runs_come_back_to_the_cpu(tmp_path):
     assert b.cpu()[name].tensor.device.type == "cpu" and b[name].tensor.device.type == "cuda"
     assert b.picture().size == a.picture().size
     for row_a, row_b in zip(a.stats(), b.stats()):
-        assert row_b.dead_fraction == pytest.approx(row_a.dead_fraction, abs=0.02) and row_b.mean == pytest.approx(row_a.mean, rel=1e-3, abs=1e-5)
+        assert row_b.dead_fraction == pytest.approx(row_a.dead_fraction, abs=0.02) and row_b.mean == pytest.approx(
+            row_a.mean, rel=1e-3, abs=1e-5
+        )
     from featuremaps.runs import load_run, save_run
 
     back = load_run(save_run(b, tmp_path / "run"))
@@ -165,18 +167,37 @@ def test_cli_show_on_the_gpu(tmp_path, device):
     from featuremaps.cli import app
 
     out = tmp_path / "run"
-    args = ["show", "edge", "--model", "alexnet", "--weights", "random", "--size", "64", "--device", device, "--out", str(out)]
+    args = [
+        "show",
+        "edge",
+        "--model",
+        "alexnet",
+        "--weights",
+        "random",
+        "--size",
+        "64",
+        "--device",
+        device,
+        "--out",
+        str(out),
+    ]
     r = CliRunner().invoke(app, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [layer["name"] for layer in manifest["layers"]] == ["features.0", "features.3", "features.6", "features.8", "features.10"]
+    assert [layer["name"] for layer in manifest["layers"]] == [
+        "features.0",
+        "features.3",
+        "features.6",
+        "features.8",
+        "features.10",
+    ]
     cpu = fm.capture(fm.load_model("alexnet", weights="random", size=64), "sample:edge")
     saved = np.load(out / "maps" / f"000_{manifest['layers'][0]['name']}.npy")
     np.testing.assert_allclose(saved, cpu["features.0"].numpy(), **TOL)
 
 
 def test_compare_models_on_the_gpu():
-    from featuremaps.compare import run_comparison
+    from featuremaps.comparison import run_comparison
 
     gpu = run_comparison("sample:edge", models=["vgg11", "alexnet"], weights="random", size=64, device="cuda")
     cpu = run_comparison("sample:edge", models=["vgg11", "alexnet"], weights="random", size=64, device="cpu")

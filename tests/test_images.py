@@ -483,7 +483,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # keep the test output clean
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         if self.path == "/missing.png":
             self.send_error(404, "Not Found")
         elif self.path == "/huge":  # no Content-Length: the size is only found while reading
@@ -523,9 +523,7 @@ class _Server(http.server.ThreadingHTTPServer):
 def server(tmp_path: Path) -> Iterator[str]:
     handler = type("Handler", (_Handler,), {"root": tmp_path})
     httpd = _Server(("127.0.0.1", 0), handler)
-    thread = threading.Thread(
-        target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"

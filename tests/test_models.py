@@ -49,7 +49,9 @@ def test_preprocessing_comes_from_the_weights_and_resizes_without_crop():
     x, resized = pre(img)
     assert resized.size == (224, 224) and x.shape == (1, 3, 224, 224)
     # a pure red picture, normalised: ((1 - mean) / std, (0 - mean) / std, ...) everywhere: no crop, no padding
-    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225]))
+    torch.testing.assert_close(
+        x[0, :, 0, 0], torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (0 - 0.406) / 0.225])
+    )
     assert torch.all(x[0, 0] == x[0, 0, 0, 0])
     assert m.with_size(96).preprocessing.size == (96, 96)
     assert m.with_size((64, 128)).preprocessing.size == (64, 128)
@@ -124,7 +126,10 @@ def test_unknown_weights_name_lists_the_options():
 
 
 def test_offline_pretrained_fails_loudly_and_never_falls_back_to_random(offline, capsys):
-    with pytest.raises(WeightsUnavailableError, match=r"vgg16/IMAGENET1K_V1 are not cached and cannot be downloaded .*put vgg16-397923af.pth into .*checkpoints.*random"):
+    with pytest.raises(
+        WeightsUnavailableError,
+        match=r"vgg16/IMAGENET1K_V1 are not cached and cannot be downloaded .*put vgg16-397923af.pth into .*checkpoints.*random",
+    ):
         fm.load_model("vgg16", weights="DEFAULT", progress=False)
     assert fm.is_cached("vgg16") is False
     quiet = capsys.readouterr()

@@ -17,9 +17,20 @@ from featuremaps.render import RenderError
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
-def fmap(t: torch.Tensor, name: str = "layer", kind: str = "conv", type_: str = "Conv2d", index: int = 0, **kw) -> FeatureMap:
-    return FeatureMap(name=name, module=name.split("#")[0], kind=kind, type=type_, index=index, call=1,
-                      shape=tuple(t.shape), tensor=t, **kw)
+def fmap(
+    t: torch.Tensor, name: str = "layer", kind: str = "conv", type_: str = "Conv2d", index: int = 0, **kw
+) -> FeatureMap:
+    return FeatureMap(
+        name=name,
+        module=name.split("#")[0],
+        kind=kind,
+        type=type_,
+        index=index,
+        call=1,
+        shape=tuple(t.shape),
+        tensor=t,
+        **kw,
+    )
 
 
 def colour(value: float, vmin: float, vmax: float, cmap: str = "viridis") -> tuple[int, int, int]:
@@ -49,8 +60,8 @@ HIGH = colour(1, 0, 1)
 
 # -- colours and ranges ---------------------------------------------------------------------------------------
 def test_colormap_ends_and_centre_match_matplotlib():
-    assert LOW == mpl("viridis", 0.0)
-    assert HIGH == mpl("viridis", 1.0)
+    assert mpl("viridis", 0.0) == LOW
+    assert mpl("viridis", 1.0) == HIGH
     rgb = R.colorize(np.array([[-2.0, 0.0, 1.0]]), cmap="RdBu_r")  # diverging: symmetric ±2
     assert tuple(rgb[0, 1]) == mpl("RdBu_r", 0.5)
     assert tuple(rgb[0, 0]) == mpl("RdBu_r", 0.0)
@@ -87,7 +98,9 @@ def test_constant_nan_and_inf_maps_are_safe():
 
 
 # -- grid geometry ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n, layout", [(1, (1, 1)), (3, (1, 3)), (4, (2, 2)), (5, (2, 3)), (10, (3, 4)), (64, (8, 8)), (2048, (45, 46))])
+@pytest.mark.parametrize(
+    "n, layout", [(1, (1, 1)), (3, (1, 3)), (4, (2, 2)), (5, (2, 3)), (10, (3, 4)), (64, (8, 8)), (2048, (45, 46))]
+)
 def test_grid_layout(n, layout):
     assert R.grid_layout(n) == layout
 
@@ -130,10 +143,20 @@ def test_labels_are_written_under_tiles():
     assert off.info["grid"].label_h == 0 and off.height < im.height
 
 
-@pytest.mark.parametrize("channels, size, per_page", [
-    (1, 7, 256), (3, 7, 256), (64, 7, 256), (2048, 7, 256), (2048, 7, None),
-    (1, 1024, 256), (3, 1024, 256), (16, 1024, None), (64, 64, 256),
-])
+@pytest.mark.parametrize(
+    "channels, size, per_page",
+    [
+        (1, 7, 256),
+        (3, 7, 256),
+        (64, 7, 256),
+        (2048, 7, 256),
+        (2048, 7, None),
+        (1, 1024, 256),
+        (3, 1024, 256),
+        (16, 1024, None),
+        (64, 64, 256),
+    ],
+)
 def test_bounded_readable_sizes(channels, size, per_page):
     t = torch.rand(1, channels, size, size)
     im = R.channel_grid(fmap(t), per_page=per_page)

@@ -64,7 +64,9 @@ def test_overwrite_never_replaces_a_folder_featuremaps_did_not_write(tmp_path, m
     (precious / "thesis.txt").write_text("thesis")
     with pytest.raises(RunError, match=r"precious was not written by featuremaps .*so --force will not replace it"):
         save_run(maps, precious, overwrite=True)
-    assert (precious / "thesis.txt").read_text() == "thesis" and sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+    assert (precious / "thesis.txt").read_text() == "thesis" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "precious"
+    ]
     # a manifest.json that is not featuremaps' own does not count either
     (precious / "manifest.json").write_text(json.dumps({"name": "my project"}))
     with pytest.raises(RunError, match="was not written by featuremaps"):
@@ -98,7 +100,12 @@ def test_the_old_run_survives_until_the_new_one_is_complete(tmp_path, maps):
             raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        save_run(maps, folder, pictures=[Picture("ok.png", Image.new("RGB", (2, 2))), Picture("a.png", Broken())], overwrite=True)  # type: ignore[list-item]
+        save_run(
+            maps,
+            folder,
+            pictures=[Picture("ok.png", Image.new("RGB", (2, 2))), Picture("a.png", Broken())],
+            overwrite=True,
+        )  # type: ignore[list-item]
     assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -120,6 +127,7 @@ def test_stale_parts_of_killed_runs_are_cleared_and_nothing_else(tmp_path, maps)
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
+
     def part(name, pid, marker=True):
         p = tmp_path / f".{name}.tmp-{pid}-0123abcd"
         p.mkdir()
@@ -156,10 +164,19 @@ def test_pictures_and_files_are_listed(tmp_path, maps):
     from PIL import Image
 
     pic = Picture("grids/000_features.0.png", Image.new("RGB", (5, 4)), kind="grid", layer="features.0")
-    folder = save_run(maps, tmp_path / "run", pictures=[pic], files={"index.html": "<p>hi</p>"}, extra={"cmap": "viridis"})
+    folder = save_run(
+        maps, tmp_path / "run", pictures=[pic], files={"index.html": "<p>hi</p>"}, extra={"cmap": "viridis"}
+    )
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["pictures"] == [
-        {"path": "grids/000_features.0.png", "kind": "grid", "layer": "features.0", "caption": "", "width": 5, "height": 4}
+        {
+            "path": "grids/000_features.0.png",
+            "kind": "grid",
+            "layer": "features.0",
+            "caption": "",
+            "width": 5,
+            "height": 4,
+        }
     ]
     assert manifest["cmap"] == "viridis"
     assert (folder / "index.html").read_text() == "<p>hi</p>"

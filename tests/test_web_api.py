@@ -25,9 +25,9 @@ with warnings.catch_warnings():  # starlette's notice about httpx is not ours
     warnings.filterwarnings("ignore", message=".*httpx.*")
     from fastapi.testclient import TestClient
 
-from featuremaps import runs  # noqa: E402
-from featuremaps.web import create_app  # noqa: E402
-from featuremaps.web import server as web_server  # noqa: E402
+from featuremaps import runs
+from featuremaps.web import create_app
+from featuremaps.web import server as web_server
 
 SIZE = "64"
 
@@ -274,7 +274,9 @@ def test_etag_and_304(client, run):
     assert other.headers["etag"] != etag
     # run-independent JSON is cached the same way
     j = client.get(f"/api/runs/{run['id']}/layers/0")
-    assert client.get(f"/api/runs/{run['id']}/layers/0", headers={"If-None-Match": j.headers["etag"]}).status_code == 304
+    assert (
+        client.get(f"/api/runs/{run['id']}/layers/0", headers={"If-None-Match": j.headers["etag"]}).status_code == 304
+    )
     # job state is never cached
     assert client.get(f"/api/runs/{run['id']}").headers["cache-control"] == "no-store"
 
@@ -345,8 +347,12 @@ def test_path_traversal_is_404(client, run, path):
 # errors
 # --------------------------------------------------------------------------------------------------
 def test_unknown_run_is_404(client):
-    for url in ("/api/runs/0123456789abcdef", "/api/runs/0123456789abcdef/layers/0/thumb.png",
-                "/api/runs/0123456789abcdef/download", "/api/runs/nothing/input.png"):
+    for url in (
+        "/api/runs/0123456789abcdef",
+        "/api/runs/0123456789abcdef/layers/0/thumb.png",
+        "/api/runs/0123456789abcdef/download",
+        "/api/runs/nothing/input.png",
+    ):
         r = client.get(url)
         assert r.status_code == 404, url
         assert r.json()["detail"]
@@ -380,8 +386,11 @@ def test_bad_run_requests(client, fields, status, words):
 
 
 def test_file_and_sample_together_is_400(client):
-    r = client.post("/api/runs", data={"model": "alexnet", "weights": "random", "sample": "edge"},
-                    files={"image": ("a.png", png_bytes(), "image/png")})
+    r = client.post(
+        "/api/runs",
+        data={"model": "alexnet", "weights": "random", "sample": "edge"},
+        files={"image": ("a.png", png_bytes(), "image/png")},
+    )
     assert r.status_code == 400 and "either" in r.json()["detail"]
 
 
@@ -396,7 +405,9 @@ def test_file_and_sample_together_is_400(client):
 )
 def test_bad_uploads_are_400_with_a_message(client, name, content, words):
     before = client.get("/api/status").json()
-    r = client.post("/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": (name, content, "image/png")})
+    r = client.post(
+        "/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": (name, content, "image/png")}
+    )
     assert r.status_code == 400, r.text
     detail = r.json()["detail"]
     assert words in detail and "\n" not in detail
@@ -406,7 +417,9 @@ def test_bad_uploads_are_400_with_a_message(client, name, content, words):
 def test_decompression_bomb_is_400(client):
     bomb = png_bomb()
     assert len(bomb) < 200_000
-    r = client.post("/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": ("bomb.png", bomb, "image/png")})
+    r = client.post(
+        "/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": ("bomb.png", bomb, "image/png")}
+    )
     assert r.status_code == 400, r.text
     assert "pixels" in r.json()["detail"]
     assert client.get("/api/status").status_code == 200
@@ -414,12 +427,17 @@ def test_decompression_bomb_is_400(client):
 
 def test_too_large_upload_is_413(client):
     big = b"\x89PNG\r\n\x1a\n" + bytes(300_000)
-    r = client.post("/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": ("big.png", big, "image/png")})
+    r = client.post(
+        "/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": ("big.png", big, "image/png")}
+    )
     assert r.status_code == 413
     assert "limit" in r.json()["detail"]
     # slightly over the file limit but under the body limit (form overhead) is caught too
-    r = client.post("/api/runs", data={"model": "alexnet", "weights": "random"},
-                    files={"image": ("big.png", bytes(200_001), "image/png")})
+    r = client.post(
+        "/api/runs",
+        data={"model": "alexnet", "weights": "random"},
+        files={"image": ("big.png", bytes(200_001), "image/png")},
+    )
     assert r.status_code == 413
     assert client.get("/api/status").status_code == 200
 
@@ -427,7 +445,10 @@ def test_too_large_upload_is_413(client):
 def test_chunked_upload_over_the_limit_is_413(client):
     def body():
         boundary = b"--xyz\r\n"
-        yield boundary + b'Content-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        yield (
+            boundary
+            + b'Content-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        )
         for _ in range(40):
             yield bytes(10_000)
         yield b"\r\n--xyz--\r\n"
@@ -467,8 +488,11 @@ def test_fixed_norm_is_accepted(client, run):
 
 
 def test_cross_site_post_is_refused(client):
-    r = client.post("/api/runs", data={"model": "alexnet", "weights": "random", "sample": "edge"},
-                    headers={"Origin": "http://evil.example"})
+    r = client.post(
+        "/api/runs",
+        data={"model": "alexnet", "weights": "random", "sample": "edge"},
+        headers={"Origin": "http://evil.example"},
+    )
     assert r.status_code == 403
 
 
@@ -571,8 +595,12 @@ def test_checkpoints_are_chosen_by_key_and_shown_without_their_path(tmp_path):
     mod_spec.loader.exec_module(module)
     torch.save(module.build().state_dict(), tmp_path / "good.pth")
     torch.save({"weight": torch.zeros(2)}, tmp_path / "bad.pth")
-    app = create_app(models=(spec,), weights=("random",), checkpoints={"trained": tmp_path / "good.pth", "broken": tmp_path / "bad.pth"},
-                     run_dir=tmp_path / "runs")
+    app = create_app(
+        models=(spec,),
+        weights=("random",),
+        checkpoints={"trained": tmp_path / "good.pth", "broken": tmp_path / "bad.pth"},
+        run_dir=tmp_path / "runs",
+    )
     with TestClient(app) as c:
         weights = c.get("/api/options").json()["weights"]
         assert [w["id"] for w in weights] == ["random", "checkpoint:broken", "checkpoint:trained"]
@@ -648,7 +676,9 @@ def test_one_forward_pass_at_a_time_per_model(tmp_path, monkeypatch):
 
 
 def test_allowed_hosts(tmp_path):
-    app = create_app(models=("alexnet",), weights=("random",), run_dir=tmp_path, allowed_hosts=["127.0.0.1", "localhost"])
+    app = create_app(
+        models=("alexnet",), weights=("random",), run_dir=tmp_path, allowed_hosts=["127.0.0.1", "localhost"]
+    )
     with TestClient(app, base_url="http://127.0.0.1:8765") as c:
         assert c.get("/api/options").status_code == 200
     with TestClient(app, base_url="http://attacker.example") as c:

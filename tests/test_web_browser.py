@@ -54,12 +54,14 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    app = create_app(models=("alexnet", "vgg11", "vgg16"), weights=("random",), run_dir=tmp_path_factory.mktemp("runs"),
-                     max_cached_models=2)
+    app = create_app(
+        models=("alexnet", "vgg11", "vgg16"),
+        weights=("random",),
+        run_dir=tmp_path_factory.mktemp("runs"),
+        max_cached_models=2,
+    )
     with ServerThread(app) as url:
         yield app, url
-
-
 
 
 @pytest.fixture
@@ -99,7 +101,9 @@ def img_src(page, sel: str) -> str:
 
 def wait_img(page, sel: str, contains: str | None = None) -> str:
     if contains is not None:
-        page.wait_for_function("([s, c]) => (document.querySelector(s).getAttribute('src') || '').includes(c)", arg=[sel, contains])
+        page.wait_for_function(
+            "([s, c]) => (document.querySelector(s).getAttribute('src') || '').includes(c)", arg=[sel, contains]
+        )
     page.wait_for_function(IMG_READY, arg=sel)
     return img_src(page, sel)
 
@@ -163,7 +167,9 @@ def test_upload_browse_and_redraw_without_rerunning(server, page, tmp_path):
     assert overlay_after != overlay_before
     a = httpx.get(url + overlay_before.lstrip("/"), timeout=10).content
     b = httpx.get(url + overlay_after.lstrip("/"), timeout=10).content
-    assert np.abs(np.asarray(Image.open(io.BytesIO(a)), float) - np.asarray(Image.open(io.BytesIO(b)), float)).mean() > 1
+    assert (
+        np.abs(np.asarray(Image.open(io.BytesIO(a)), float) - np.asarray(Image.open(io.BytesIO(b)), float)).mean() > 1
+    )
     assert page.locator(".alpha-out").inner_text() == "0.85"
 
     # normalization: every picture redraws, the model does not run again
@@ -180,7 +186,9 @@ def test_upload_browse_and_redraw_without_rerunning(server, page, tmp_path):
     page.select_option("#cmap", "magma")
     wait_img(page, ".grid-img", "cmap=magma")
     page.select_option("#reduce", "max")
-    page.wait_for_function("() => document.querySelector('.strip .card img').getAttribute('src').includes('reduce=max')")
+    page.wait_for_function(
+        "() => document.querySelector('.strip .card img').getAttribute('src').includes('reduce=max')"
+    )
     assert forward_passes(url) == passes
 
     # keyboard: arrows move between layers and channels
@@ -258,7 +266,9 @@ def test_side_by_side_runs(server, page):
     views.nth(1).locator(".card").nth(3).click()
     page.evaluate("document.activeElement && document.activeElement.blur()")
     page.keyboard.press("ArrowRight")
-    page.wait_for_function("() => document.querySelectorAll('.view')[1].querySelector('.card.selected').dataset.index === '4'")
+    page.wait_for_function(
+        "() => document.querySelectorAll('.view')[1].querySelector('.card.selected').dataset.index === '4'"
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "viewer-compare.png"))
 
@@ -273,7 +283,9 @@ def test_vgg16_thumbnails_appear_about_a_second_after_the_forward_pass(server, p
     job = httpx.get(f"{url}api/runs/{run_id}", timeout=10).json()
     assert job["input_size"] == [224, 224]
     delay = loaded_ms / 1000 - job["captured_at"]
-    print(f"VGG16 at 224: forward pass {job['timings']['capture_s']:.2f} s, all 13 thumbnails shown {delay:.2f} s after it ended")
+    print(
+        f"VGG16 at 224: forward pass {job['timings']['capture_s']:.2f} s, all 13 thumbnails shown {delay:.2f} s after it ended"
+    )
     assert delay < 1.5
 
 
@@ -298,7 +310,9 @@ def test_pretrained_weights_unavailable_offline_is_shown(browser, offline, tmp_p
         context.close()
 
 
-@pytest.mark.skipif(not os.environ.get("FEATUREMAPS_SCREENSHOT"), reason="set FEATUREMAPS_SCREENSHOT=path to redraw the docs screenshot")
+@pytest.mark.skipif(
+    not os.environ.get("FEATUREMAPS_SCREENSHOT"), reason="set FEATUREMAPS_SCREENSHOT=path to redraw the docs screenshot"
+)
 def test_docs_screenshot(server, page):
     _, url = server
     page.goto(url)

@@ -52,15 +52,18 @@ def small_png(seed: int) -> bytes:
 def server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("load-runs")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         line = ""
         deadline = time.monotonic() + 60
         while "featuremaps viewer:" not in line:
             line = proc.stdout.readline()
             if (not line and proc.poll() is not None) or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}")
+                raise RuntimeError(
+                    f"the server did not start: {proc.stderr.read() if proc.poll() is not None else 'timeout'}"
+                )
         url = line.split("featuremaps viewer:", 1)[1].strip()
         with httpx.Client(base_url=url, timeout=30) as c:
             for _ in range(200):
@@ -89,8 +92,16 @@ def wait_done(client: httpx.Client, run_id: str, timeout: float = 60) -> dict:
 
 
 def upload(client: httpx.Client, seed: int) -> httpx.Response:
-    return client.post("/api/runs", data={"model": "alexnet", "weights": "random", "mode": random.Random(seed).choice(["network", "conv-pool"]),
-                                          "size": "64"}, files={"image": (f"img{seed}.png", small_png(seed), "image/png")})
+    return client.post(
+        "/api/runs",
+        data={
+            "model": "alexnet",
+            "weights": "random",
+            "mode": random.Random(seed).choice(["network", "conv-pool"]),
+            "size": "64",
+        },
+        files={"image": (f"img{seed}.png", small_png(seed), "image/png")},
+    )
 
 
 def picture_urls(run: dict, rng: random.Random) -> str:
@@ -191,8 +202,10 @@ def test_200_mixed_requests_from_8_clients(server):
         assert proc.poll() is None
     time.sleep(0.5)
     rss_after = me.memory_info().rss
-    print(f"\n{REQUESTS} requests from {CLIENTS} clients in {elapsed:.1f} s; codes {sorted(set(codes))}; "
-          f"{status['forward_passes']} forward passes; RSS after warm-up {rss_warm / 2**20:.0f} MB, after {rss_after / 2**20:.0f} MB")
+    print(
+        f"\n{REQUESTS} requests from {CLIENTS} clients in {elapsed:.1f} s; codes {sorted(set(codes))}; "
+        f"{status['forward_passes']} forward passes; RSS after warm-up {rss_warm / 2**20:.0f} MB, after {rss_after / 2**20:.0f} MB"
+    )
     assert rss_after - rss_warm < RSS_SLACK
 
 
@@ -200,7 +213,9 @@ def test_oversized_upload_over_a_real_socket_gets_413_and_the_server_lives_on(se
     url, proc = server
     big = b"\x89PNG\r\n\x1a\n" + bytes(21 * 2**20)  # over the default 20 MB limit
     with httpx.Client(base_url=url, timeout=60) as c:
-        r = c.post("/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": ("huge.png", big, "image/png")})
+        r = c.post(
+            "/api/runs", data={"model": "alexnet", "weights": "random"}, files={"image": ("huge.png", big, "image/png")}
+        )
         assert r.status_code == 413
         assert "limit" in r.json()["detail"]
         assert c.get("/api/status").status_code == 200

@@ -1,422 +1,26 @@
-"""The hook engine of the faithful ``network`` mode: one forward pass of the real model, recording
-what each call of the chosen modules returned. One forward hook, registered globally for the
-duration of the pass (one registration instead of one per module: on ResNet-50 that was a third of
-featuremaps' own overhead), looks each calling module up and ignores modules of other models and
-other threads; in-place modules get a pre-hook each.
-
-Guarantees:
-- every hook handle is removed and every ``training`` and ``inplace`` flag restored in ``finally``,
-  also when the forward pass raises: the model leaves unchanged, and computes exactly what it
-  computes without featuremaps;
-- passes over one model run one at a time (:func:`exclusive`), as they change its flags while
-  they run; captures of different models run side by side;
-- in-place operations cannot corrupt a captured output: outputs are kept by reference; an in-place
-  module handed one runs out of place for that call and the model's tensor is re-pointed at the
-  result (or, when other views share that memory, the output is copied first); in-place ops in
-  ``forward()`` code are caught by a version check after the pass, which captures again copying
-  those outputs, and remembers them for that model and input shape;
-- with a reduction, the hook keeps only the reduced map (and the layer's numbers), so full maps are
-  never held;
-- the pass stops right after the last call of the last requested module (known from an earlier
-  pass of the same model at the same input shape), so a classifier that is not wanted never runs;
-- when every requested module is a leaf child of one plain ``nn.Sequential`` (VGG's and AlexNet's
-  ``features``), and no one else's hooks are on it or its children, a pre-hook on that Sequential
-  calls its children itself, as torch's own ``Sequential.forward`` does, with the capture hook
-  called directly: no module call then goes through torch's hook machinery, which on VGG16 costs
-  about a millisecond per pass. An in-place child handed a captured output runs out of place and
-  its result goes to the next child: featuremaps is the Sequential's forward there, so nothing
-  else sees it, and none of the guard's aliasing is needed. The results are the same.
-"""
+"""Capturing feature maps: :func:`capture` (network mode through :mod:`featuremaps.hooks`, the
+seed's chains through :mod:`featuremaps.chains`) and :func:`list_layers`, every capture point of a
+model with its output shape."""
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import fnmatch
-import threading
-import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as torch_module
 
-from .errors import LayerError
-from .maps import FeatureMap, FeatureMaps, compute_stats
+from .chains import run_chain
+from .hooks import evaluating, exclusive, learned_about, run_pass
+from .layers import kind_of, select_layers
+from .maps import FeatureMaps
 from .memory import reuse_freed_memory
-from .models import Model, Preprocessing, _module_device
+from .models import Model, module_device, unwrap_model
+from .options import check_mode
+from .preprocess import Preprocessing
 from .reduce import Reduction, parse_reduction
-
-MODES: tuple[str, ...] = ("network", "conv", "conv-relu", "conv-pool")
-
-# -- kinds -----------------------------------------------------------------------------------------
-_ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Threshold, nn.GLU, nn.LogSigmoid,
-)  # fmt: skip
-_POOLS = (
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd,
-)  # fmt: skip
-_NORMS = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d,
-)  # fmt: skip
-_LINEAR = (nn.Linear, nn.Bilinear, nn.LazyLinear)
-
-#: Selector words for ``layers=``; ``relu`` and ``activation`` mean every activation.
-KIND_ALIASES: dict[str, str] = {
-    "conv": "conv", "relu": "act", "act": "act", "activation": "act", "pool": "pool",
-    "norm": "norm", "bn": "norm", "linear": "linear", "fc": "linear", "other": "other",
-}  # fmt: skip
-
-
-_KIND_BY_TYPE: dict[type, str] = {}
-
-
-def kind_of(module: nn.Module) -> str:
-    """``conv``, ``act``, ``pool``, ``norm``, ``linear`` or ``other``."""
-    cls = type(module)
-    kind = _KIND_BY_TYPE.get(cls)
-    if kind is None:
-        kind = _KIND_BY_TYPE[cls] = _kind_of_type(cls)
-    return kind
-
-
-def _kind_of_type(cls: type) -> str:
-    if issubclass(cls, nn.modules.conv._ConvNd):
-        return "conv"
-    if issubclass(cls, _ACTIVATIONS):
-        return "act"
-    if issubclass(cls, _POOLS):
-        return "pool"
-    if issubclass(cls, _NORMS):
-        return "norm"
-    if issubclass(cls, _LINEAR):
-        return "linear"
-    return "other"
-
-
-def _is_leaf(module: nn.Module) -> bool:
-    return next(module.children(), None) is None
-
-
-# -- selecting capture points ----------------------------------------------------------------------
-def _unwrap(model: Model | nn.Module) -> tuple[nn.Module, Model | None]:
-    if isinstance(model, Model):
-        return model.module, model
-    if isinstance(model, nn.Module):
-        return model, None
-    raise TypeError(f"capture needs a featuremaps Model or a torch.nn.Module, not {type(model).__name__}")
-
-
-def _tokens(layers: str | Sequence[str] | None) -> list[str]:
-    if layers is None:
-        return ["conv"]
-    if isinstance(layers, str):
-        return [t.strip() for t in layers.split(",") if t.strip()] or ["conv"]
-    return [str(t).strip() for t in layers if str(t).strip()]
-
-
-def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequence[str] | None) -> list[str]:
-    """Names among ``candidates`` that ``layers`` asks for, in the candidates' order.
-
-    ``layers`` is a kind (``conv``, ``relu``/``act``, ``pool``, ``norm``, ``linear``, ``other``),
-    ``all`` (every leaf module), an exact ``named_modules()`` path, or a glob pattern over the paths
-    (``features.*``); several may be given as a list or comma-separated. Kind words win over a
-    module of the same name; ``name:pool`` selects the module called ``pool``.
-    """
-    leaves = [(n, m) for n, m in candidates if _is_leaf(m)]
-    all_names = [n for n, _ in candidates]
-    wanted: set[str] = set()
-    for token in _tokens(layers):
-        low = token.lower()
-        if token.startswith("name:"):  # a module literally called like a kind ("pool")
-            token = low = token[len("name:") :]
-            if token not in all_names:
-                raise LayerError(f"no layer named {token!r}; use `featuremaps layers MODEL` to see the names")
-            wanted.add(token)
-        elif low in ("all", "leaf", "leaves"):
-            wanted.update(n for n, _ in leaves)
-        elif low in KIND_ALIASES:
-            kind = KIND_ALIASES[low]
-            hits = [n for n, m in leaves if kind_of(m) == kind]
-            if not hits:
-                raise LayerError(f"this model has no {token} layers; use `featuremaps layers MODEL` to see its layers and kinds")
-            wanted.update(hits)
-        elif token in all_names:
-            wanted.add(token)
-        elif any(c in token for c in "*?["):
-            hits = [n for n in all_names if fnmatch.fnmatchcase(n, token)]
-            if not hits:
-                raise LayerError(f"pattern {token!r} matches no layer; use `featuremaps layers MODEL` to see the names")
-            wanted.update(hits)
-        else:
-            close = difflib.get_close_matches(token, all_names, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise LayerError(
-                f"no layer named {token!r}; {hint}use a kind (conv, relu, pool, norm, linear, all), a glob "
-                "such as 'features.*', or a name from `featuremaps layers MODEL`"
-            )
-    return [n for n, _ in candidates if n in wanted]
-
-
-def select_layers(
-    model: Model | nn.Module, layers: str | Sequence[str] | None = "conv", *, modules: dict[str, nn.Module] | None = None
-) -> list[str]:
-    """The ``named_modules()`` paths that ``layers`` selects (see :func:`match_layers`);
-    ``modules``: ``dict(named_modules())`` when the caller already has it."""
-    module, _ = _unwrap(model)
-    named = modules.items() if modules is not None else module.named_modules()
-    return match_layers([(n, m) for n, m in named if n], layers)
-
-
-# -- in-place safety -------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _Slot:
-    """One captured call: its output, kept by reference until something is about to write into it."""
-
-    path: str
-    call: int
-    module: nn.Module
-    tensor: torch.Tensor
-    version: int
-    owned: bool  # True once it is our own memory (a copy, a reduction, or memory the model let go)
-    shape: tuple[int, ...] | None = None  # the full output's shape, when only a reduction is kept
-    channels: tuple[int, ...] | None = None  # top-k channels
-    stats: Any = None  # the full output's numbers, when only a reduction is kept
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    try:
-        return t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - tensors without storage
-        return id(t)
-
-
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _storage_users(t: torch.Tensor) -> int:
-    """How many tensors share ``t``'s memory (views and our own references included); a huge
-    number where this torch cannot tell, so that callers fall back to copying."""
-    if _USE_COUNT is None:  # pragma: no cover - older torch
-        return 1 << 30
-    return _USE_COUNT(t.untyped_storage()._cdata) - 1  # minus this call's wrapper
-
-
-class _InplaceGuard:
-    """Keeps captured outputs intact when an in-place module (``ReLU(inplace=True)``...) is given one.
-
-    For that one call the module runs out of place, and the tensor it was given is re-pointed at
-    the result (``set_``): the model sees exactly what an in-place op would have left, the captured
-    output keeps the old memory (through an alias made just before), and nothing is copied. When
-    other views share that memory, the captured output is copied first instead. In-place ops written
-    in ``forward()`` code (ResNet's ``out += identity``) are caught afterwards by the version check
-    in :func:`_run_hooks`.
-    """
-
-    def __init__(self) -> None:
-        self.watched: dict[int, list[_Slot]] = {}
-        self.pending: dict[int, tuple[nn.Module, torch.Tensor, list[_Slot]]] = {}
-
-    @staticmethod
-    def copy(slots: list[_Slot]) -> None:
-        for slot in slots:
-            slot.tensor = slot.tensor.clone()
-            slot.owned = True
-
-    def before(self, module: nn.Module, args: tuple) -> None:
-        # runs inside the forward pass, once per call: kept short
-        if not self.watched or not args:
-            return
-        t = args[0]
-        if not isinstance(t, torch.Tensor):
-            return
-        watched = self.watched.pop(_storage_key(t), None)
-        if not watched:
-            return
-        # an output that forward() code already changed stays as it is, for the version check to
-        # see; captures hold the model's own tensor objects: only other tensor objects add storage
-        # users. (One loop, no comprehensions: this runs with caches cold from the layer before.)
-        slots = []
-        others = set()
-        for s in watched:
-            if s.tensor._version == s.version:
-                slots.append(s)
-            if s.tensor is not t:
-                others.add(id(s.tensor))
-        if not slots:
-            return
-        if t._base is None and _storage_users(t) == 1 + len(others):
-            for s in watched:
-                if s.tensor is t:
-                    s.tensor = t.detach()  # an alias that keeps the old memory when t is re-pointed
-            object.__setattr__(module, "inplace", False)  # for this call only; put back in finish() or restore()
-            self.pending[id(module)] = (module, t, slots)
-        else:
-            self.copy(slots)
-
-    def finish(self, entry: tuple[nn.Module, torch.Tensor, list[_Slot]], output: Any) -> torch.Tensor:
-        """After an out-of-place call that :meth:`before` arranged (called by the capture hook):
-        put ``inplace`` back and hand the model its own tensor, re-pointed at the result."""
-        module, t, slots = entry
-        object.__setattr__(module, "inplace", True)
-        try:
-            if type(output) is not type(t) or output.shape != t.shape or output.dtype != t.dtype:
-                raise RuntimeError("result does not fit")
-            t.set_(output)  # (a different device makes set_ raise)
-        except RuntimeError:  # a tensor made by .detach() cannot be re-pointed: copy, then write in place
-            self.copy(slots)
-            if isinstance(output, torch.Tensor):
-                t.copy_(output)
-            return t
-        for slot in slots:
-            slot.owned = True  # the old memory is only reachable through the capture now
-        return t
-
-    def restore(self) -> None:
-        for module, _, _ in self.pending.values():
-            object.__setattr__(module, "inplace", True)
-        self.pending.clear()
-
-
-# -- model state -----------------------------------------------------------------------------------
-_PASS_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_PASS_LOCKS_LOCK = threading.Lock()
-
-
-def exclusive(module: nn.Module) -> "threading.RLock":
-    """The lock that lets one featuremaps pass at a time run over ``module``: a pass changes the
-    model's ``training`` and ``inplace`` flags and hooks it while it runs, so two at once (threads
-    of a notebook or a server) would corrupt each other's maps. Captures of different models run
-    side by side."""
-    with _PASS_LOCKS_LOCK:
-        lock = _PASS_LOCKS.get(module)
-        if lock is None:
-            lock = _PASS_LOCKS[module] = threading.RLock()
-    return lock
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module, modules: "Sequence[nn.Module] | None" = None) -> Iterator[nn.Module]:
-    """Eval mode for the duration, each module's own ``training`` flag restored afterwards.
-    ``modules``: ``module.modules()`` when the caller already has them."""
-    training = [m for m in (module.modules() if modules is None else modules) if m.training]
-    try:
-        if training:
-            module.eval()
-        yield module
-    finally:
-        for m in training:
-            m.training = True
-
-
-# -- what a capture learns about a model ------------------------------------------------------
-@dataclass(slots=True)
-class _Learned:
-    """What captures learned about one model, valid while its module tree stays the same."""
-
-    tree: list  # see _tree(); anything else learned is dropped when it changes
-    modules: dict[str, nn.Module]  # dict(named_modules())
-    # the modules with an ``inplace`` attribute (their flag is read on every pass)
-    inplace_capable: list[nn.Module]
-    # ``layers=`` tokens -> the module paths they select
-    selections: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
-    # input (shape, dtype, device) -> calls per module path in one full pass: where a pass may stop
-    schedules: dict[tuple, Counter] = field(default_factory=dict)
-    # input -> modules whose outputs the model's forward() code changes in place (ResNet's
-    # ``out += identity``), found by the version check: their outputs are copied in the hook
-    dirty: dict[tuple, frozenset[str]] = field(default_factory=dict)
-    # (input, selected paths) -> the plain nn.Sequential whose first children a pass may call
-    # itself, and those children (see _sequential_plan)
-    plans: dict[tuple, "tuple[nn.Sequential, tuple[nn.Module, ...]] | None"] = field(default_factory=dict)
-
-    def select(self, module: nn.Module, layers: str | Sequence[str] | None) -> list[str]:
-        """:func:`select_layers`, remembered."""
-        key = tuple(_tokens(layers))
-        names = self.selections.get(key)
-        if names is None:
-            names = select_layers(module, layers, modules=self.modules)
-            if len(self.selections) >= 64:  # a long session trying many selections
-                self.selections.clear()
-            self.selections[key] = names
-        return names
-
-
-_LEARNED: "weakref.WeakKeyDictionary[nn.Module, _Learned]" = weakref.WeakKeyDictionary()
-
-
-def _tree(module: nn.Module) -> list:
-    """The module tree as a comparable value: a module added, removed, renamed or replaced
-    anywhere changes it. Read straight from each module's ``_modules``: several times cheaper than
-    ``named_modules()``, which a capture would otherwise walk on every call."""
-    out: list = [type(module)]
-
-    def walk(m: nn.Module) -> None:
-        for name, child in m._modules.items():
-            out.append(name)
-            if child is not None:
-                out.append(id(child))
-                out.append(type(child))
-                walk(child)
-
-    walk(module)
-    return out
-
-
-def _learned(module: nn.Module) -> _Learned:
-    """What earlier captures learned about ``module`` (a fresh record when its tree changed)."""
-    tree = _tree(module)
-    state = _LEARNED.get(module)
-    if state is None or state.tree != tree:
-        modules = dict(module.named_modules())
-        capable = [m for m in modules.values() if "inplace" in vars(m)]  # (getattr would go through nn.Module.__getattr__)
-        state = _LEARNED[module] = _Learned(tree, modules, capable)
-    return state
-
-
-def _sequential_plan(learned: _Learned, names: list[str], key: tuple) -> "tuple[nn.Sequential, tuple[nn.Module, ...]] | None":
-    """When every selected module is a leaf child of one plain ``nn.Sequential`` (its forward is
-    torch's own: each child called in turn on the last output), called once per pass like every
-    child up to the last selected one: that Sequential and those children. A pass can then call
-    them itself (see :func:`_run_hooks`). Remembered per input and selection."""
-    memo = (key, tuple(names))
-    if memo in learned.plans:
-        return learned.plans[memo]
-    plan = None
-    schedule = learned.schedules[key]
-    parents = {n.rpartition(".")[0] for n in names}
-    parent = parents.pop() if len(parents) == 1 else None
-    seq = learned.modules.get(parent) if parent is not None else None
-    if seq is not None and type(seq).forward is nn.Sequential.forward:
-        paths = [f"{parent}.{n}" if parent else n for n in seq._modules]
-        last = max(i for i, p in enumerate(paths) if p in names)
-        head = list(seq._modules.values())[: last + 1]
-        called_once = parent == "" or schedule.get(parent) == 1  # (the model itself runs once)
-        if called_once and all(c is not None and not c._modules and schedule.get(p) == 1 for c, p in zip(head, paths)):
-            plan = (seq, tuple(head))
-    if len(learned.plans) >= 64:
-        learned.plans.clear()
-    learned.plans[memo] = plan
-    return plan
-
-
-def _hookless(modules: Sequence[nn.Module]) -> bool:
-    """True when no hook of anyone else would run for these modules (global hooks included)."""
-    if (
-        torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
-        or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks
-    ):  # fmt: skip
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
-
-
-class _StopForward(Exception):
-    """Raised by the last wanted hook to skip the rest of the forward pass."""
 
 
 # -- input -----------------------------------------------------------------------------------------
@@ -426,7 +30,7 @@ def prepare_input(model: Model | nn.Module, image: Any, *, size: int | tuple[int
     A 4-D tensor is taken as an already preprocessed batch; anything else goes through
     :func:`featuremaps.images.load_image` and the model's preprocessing.
     """
-    module, info = _unwrap(model)
+    module, info = unwrap_model(model)
     if isinstance(image, torch.Tensor) and image.ndim == 4:
         return image, None
     from .images import load_image
@@ -466,21 +70,18 @@ def capture(
     Returns:
         FeatureMaps in execution order.
     """
-    if mode not in MODES:
-        raise LayerError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    module, info = _unwrap(model)
+    check_mode(mode)
+    module, info = unwrap_model(model)
     reduction = parse_reduction(reduce)
     reuse_freed_memory()  # once per process: keep freed memory for the next capture (see featuremaps.memory)
     x, picture = prepare_input(model, image, size=size)
-    x = x.to(_module_device(module))
+    x = x.to(module_device(module))
     if mode != "network":
-        from .chains import run_chain
-
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
     with exclusive(module):
-        learned = _learned(module)
+        learned = learned_about(module)
         names = learned.select(module, layers)
-        entries, notes = _run_hooks(module, x, names, reduction, stop_early=stop_early, learned=learned)
+        entries, notes = run_pass(module, x, names, reduction, stop_early=stop_early, learned=learned)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -492,165 +93,6 @@ def capture(
         reduction=reduction.spec if reduction else None,
         notes=tuple(notes),
     )
-
-
-def _entry_name(path: str, call: int) -> str:
-    """A capture's key: the module path, with ``#k`` for its k-th call (k >= 2)."""
-    return path if call == 1 else f"{path}#{call}"
-
-
-def _run_hooks(
-    module: nn.Module,
-    x: torch.Tensor,
-    names: list[str],
-    reduction: Reduction | None,
-    *,
-    stop_early: bool = True,
-    copy_all: bool = False,
-    learned: _Learned,
-) -> tuple[tuple[FeatureMap, ...], list[str]]:
-    """One hooked forward pass of ``module`` (``learned``: what :func:`_learned` gives for it)."""
-    modules = learned.modules
-    wanted = {n: modules[n] for n in names}
-    key = (tuple(x.shape), x.dtype, x.device.type)
-    schedule = learned.schedules.get(key)
-    dirty = learned.dirty.get(key, frozenset())
-    stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
-    counting = schedule is None
-    counts: dict[str, int] = {}
-    records: list[_Slot] = []  # as little work as possible per call: entries are made after the pass
-    notes: list[str] = []
-    guard = _InplaceGuard()
-    watched = guard.watched
-    pending = guard.pending
-    finish = guard.finish
-    fired = 0
-    Tensor = torch.Tensor
-
-    hooked = modules.items() if counting else wanted.items()
-    paths = {id(mod): path for path, mod in hooked if path}
-    copying = set(wanted) if copy_all else dirty
-
-    # One global forward hook for the pass (registering one per module costs more than the pass's
-    # own Python work); it finds the path from the module and ignores modules of other models.
-    def hook(mod: nn.Module, inputs: Any, output: Any) -> torch.Tensor | None:
-        nonlocal fired
-        mid = id(mod)
-        result = None
-        if pending:  # the guard ran this call of an in-place module out of place: finish that first
-            entry = pending.pop(mid, None)
-            if entry is not None:
-                output = result = finish(entry, output)
-        path = paths.get(mid)
-        if path is None:
-            return result
-        call = counts[path] = counts.get(path, 0) + 1
-        if path not in wanted:
-            return result
-        if not isinstance(output, Tensor):
-            name = _entry_name(path, call)
-            notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
-        else:
-            if reduction is not None and output.ndim >= 3:
-                name = _entry_name(path, call)
-                stats = compute_stats(output, name, kind_of(mod))
-                kept, chans = reduction.apply(output)
-                records.append(_Slot(path, call, mod, kept, 0, True, tuple(output.shape), chans, stats))
-            elif path in copying:
-                records.append(_Slot(path, call, mod, output.clone(), 0, True))
-            else:  # kept by reference: the guard makes an alias before it re-points it (set_)
-                slot = _Slot(path, call, mod, output, output._version, False)
-                storage = _storage_key(output)
-                if storage in watched:
-                    watched[storage].append(slot)
-                else:
-                    watched[storage] = [slot]
-                records.append(slot)
-        fired += 1
-        if stop_after is not None and fired >= stop_after:
-            raise _StopForward
-        return result
-
-    plan = _sequential_plan(learned, names, key) if stop_after is not None else None
-    if plan is not None and not _hookless((plan[0], *plan[1])):
-        plan = None
-
-    ran = False
-
-    def run_children(seq: nn.Module, args: tuple) -> None:
-        # What nn.Sequential.forward does, up to the last wanted child, with the capture hook
-        # called here instead of through torch's hook machinery: every module call then stays on
-        # torch's fast path, which on VGG16 saves about a millisecond per pass.
-        nonlocal ran
-        if len(args) != 1:
-            return  # torch's forward will say what is wrong
-        ran = True
-        y = args[0]
-        for child in plan[1]:
-            if watched and vars(child).get("inplace") is True and watched.pop(_storage_key(y), None):
-                # Here featuremaps is the Sequential's forward, so only the next child sees what this
-                # in-place module returns: it runs out of place and the captured output keeps its
-                # values, with none of the guard's aliasing (whose Python, run with caches cold from
-                # the layer before, cost about 70 us per call on VGG16 at 224x224).
-                object.__setattr__(child, "inplace", False)
-                try:
-                    out = child(y)
-                finally:
-                    object.__setattr__(child, "inplace", True)
-            else:
-                out = child(y)
-            hook(child, (y,), out)  # raises _StopForward after the last wanted call
-            y = out
-        raise _StopForward
-
-    handles = []
-    try:
-        if plan is not None:
-            handles.append(plan[0].register_forward_pre_hook(run_children))
-        else:
-            if not copy_all and reduction is None:  # in-place modules: the guard
-                for mod in learned.inplace_capable:
-                    if vars(mod).get("inplace") is True:
-                        handles.append(mod.register_forward_pre_hook(guard.before))
-            handles.append(torch_module.register_module_forward_hook(hook))
-        with evaluating(module, modules.values()), torch.no_grad():
-            try:
-                module(x)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-        guard.restore()
-    if plan is not None and not ran:
-        # the Sequential was not called the usual way (forward() code called its .forward): hooks, from now on
-        learned.plans[(key, tuple(names))] = None
-        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=copy_all, learned=learned)
-    if counting:
-        learned.schedules[key] = Counter(counts)
-    changed = {r.path for r in records if not r.owned and r.tensor._version != r.version}
-    if changed:
-        # forward() code wrote into captured outputs: capture again, copying those (all, if that was not enough)
-        learned.dirty[key] = dirty | changed
-        records.clear()  # let this pass's outputs go before the next one
-        watched.clear()
-        return _run_hooks(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned)
-    spec = reduction.spec if reduction is not None else None
-    new = FeatureMap._fast
-    entries = []
-    for i, r in enumerate(records):
-        tensor, mod = r.tensor, r.module
-        entries.append(
-            new(
-                _entry_name(r.path, r.call), r.path, kind_of(mod), type(mod).__name__, i, r.call,
-                tuple(tensor.shape) if r.shape is None else r.shape, tensor, None if r.stats is None else spec, r.channels, r.stats,
-            )  # fmt: skip
-        )
-    if reduction is not None:
-        flat = [e.name for e in entries if e.reduction is None]
-        if flat:
-            notes.append(f"{len(flat)} outputs without spatial channels (e.g. {flat[0]}) were kept whole, not reduced")
-    return tuple(entries), notes
 
 
 # -- listing ---------------------------------------------------------------------------------------
@@ -667,16 +109,18 @@ class LayerInfo:
     calls: int
 
 
-def list_layers(model: Model | nn.Module, *, size: int | tuple[int, int] | None = None, layers: str | Sequence[str] | None = "all") -> list[LayerInfo]:
+def list_layers(
+    model: Model | nn.Module, *, size: int | tuple[int, int] | None = None, layers: str | Sequence[str] | None = "all"
+) -> list[LayerInfo]:
     """The capture points of a model (leaf modules by default) with their output shapes for an
     input of ``size`` (one forward pass of a zero image; no maps are kept)."""
-    module, info = _unwrap(model)
+    module, info = unwrap_model(model)
     pre = (info.preprocessing if info else Preprocessing()).with_size(size)
     names = select_layers(module, layers)
     modules = dict(module.named_modules())
     shapes: dict[str, tuple[int, ...] | None] = {}
     calls: Counter = Counter()
-    x = torch.zeros(1, 3, *pre.size, device=_module_device(module))
+    x = torch.zeros(1, 3, *pre.size, device=module_device(module))
 
     def make_hook(path: str) -> Callable:
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:

@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .capture import _unwrap, evaluating, exclusive, kind_of, match_layers
 from .errors import LayerError
+from .hooks import evaluating, exclusive
+from .layers import kind_of, match_layers
 from .maps import FeatureMap, FeatureMaps, compute_stats
 from .memory import release_freed_memory
+from .models import unwrap_model
 from .reduce import Reduction
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,7 +47,7 @@ def find_conv_stack(model: "Model | nn.Module") -> tuple[str, list[tuple[str, nn
     Raises:
         LayerError: the model has no such stack (say, a ResNet).
     """
-    module, info = _unwrap(model)
+    module, info = unwrap_model(model)
     label = info.name if info else type(module).__name__
     n_convs = sum(1 for m in module.modules() if isinstance(m, nn.Conv2d))
     candidates = [("", module)] + [(n, m) for n, m in module.named_modules() if n]
@@ -107,11 +109,15 @@ def run_chain(
     ``layers`` filters which steps are kept (by kind, name or glob); every step still runs.
     With ``reduce``, only the running tensor and the reduced maps are held.
     """
-    module, info = _unwrap(model)
+    module, info = unwrap_model(model)
     with exclusive(module):  # one pass at a time per model: the steps read its in-place flags
         steps = chain_steps(model, chain)
         by_name = dict(module.named_modules())
-        keep = set(match_layers([(n, by_name[n]) for n, _ in steps], layers)) if layers is not None else {n for n, _ in steps}
+        keep = (
+            set(match_layers([(n, by_name[n]) for n, _ in steps], layers))
+            if layers is not None
+            else {n for n, _ in steps}
+        )
         entries: list[FeatureMap] = []
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
         with evaluating(module), torch.no_grad():

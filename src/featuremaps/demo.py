@@ -19,8 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import render
+from .capture import capture
 from .errors import WeightsUnavailableError
+from .images import edge_image, load_image
 from .maps import FeatureMaps
+from .models import load_model
+from .report import Section, build_report
 from .runs import (
     Picture,
     atomic_folder,
@@ -43,8 +48,6 @@ class DemoResult:
 
 
 def _load(name: str, weights: str, *, size: int, device: str, warn: Callable[[str], None]):
-    from .models import load_model
-
     if weights != "auto":
         return load_model(name, weights, size=size, device=device, progress=False)
     try:
@@ -65,7 +68,9 @@ def _top5(model, maps: FeatureMaps) -> str:
     with torch.inference_mode():
         probs = model.module.eval()(x).softmax(-1)[0]
     top = torch.topk(probs, 5)
-    return "Top-5 classes: " + ", ".join(f"{model.categories[i]} {p:.0%}" for p, i in zip(top.values.tolist(), top.indices.tolist()))
+    return "Top-5 classes: " + ", ".join(
+        f"{model.categories[i]} {p:.0%}" for p, i in zip(top.values.tolist(), top.indices.tolist())
+    )
 
 
 def run_demo(
@@ -80,11 +85,6 @@ def run_demo(
     warn: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run the demo and write its report folder (``index.html``, pictures, ``manifest.json``)."""
-    from . import render
-    from .capture import capture
-    from .images import edge_image, load_image
-    from .report import Section, build_report
-
     step = on_step or (lambda text: None)
     warn = warn or (lambda text: None)
     vgg = _load("vgg16", weights, size=size, device=device, warn=warn)
@@ -102,19 +102,43 @@ def run_demo(
     }
     step("ran the three chains on the edge picture")
     conv_relu_acts = chains["conv-relu"].select(kind="act")
-    chain_rows = {"conv": chains["conv"], "conv-relu (after each ReLU)": conv_relu_acts,
-                  "conv-pool (convs)": chains["conv-pool"].select(kind="conv")}
+    chain_rows = {
+        "conv": chains["conv"],
+        "conv-relu (after each ReLU)": conv_relu_acts,
+        "conv-pool (convs)": chains["conv-pool"].select(kind="conv"),
+    }
     pics: list[Picture] = [
-        Picture("edge.png", edge, kind="input", caption="the drawn edge test picture (lines at several angles, circles, triangles, rectangles)"),
-        Picture("chains_compare.png", render.compare_runs(chain_rows, norm="global"), kind="comparison",
-                caption="VGG16's 13 conv layers in the three chains, one colour scale for all (channel mean)"),
+        Picture(
+            "edge.png",
+            edge,
+            kind="input",
+            caption="the drawn edge test picture (lines at several angles, circles, triangles, rectangles)",
+        ),
+        Picture(
+            "chains_compare.png",
+            render.compare_runs(chain_rows, norm="global"),
+            kind="comparison",
+            caption="VGG16's 13 conv layers in the three chains, one colour scale for all (channel mean)",
+        ),
     ]
     for label, maps in chains.items():
-        pics.append(Picture(f"chain_{label}.png", render.overview(maps, reduce="mean"), kind="overview",
-                            caption=f"{label} chain: every step (channel mean, each map its own range)"))
+        pics.append(
+            Picture(
+                f"chain_{label}.png",
+                render.overview(maps, reduce="mean"),
+                kind="overview",
+                caption=f"{label} chain: every step (channel mean, each map its own range)",
+            )
+        )
     last = chains["conv"].entries[-1]
-    pics.append(Picture("edge_vs_layer13.png", render.side_by_side(edge, last, reduce="mean"), kind="comparison",
-                        caption=f"the input next to layer 13 ({last.name}) of the conv chain"))
+    pics.append(
+        Picture(
+            "edge_vs_layer13.png",
+            render.side_by_side(edge, last, reduce="mean"),
+            kind="comparison",
+            caption=f"the input next to layer 13 ({last.name}) of the conv chain",
+        )
+    )
     relu_zero = sum(s.zero_fraction for s in conv_relu_acts.stats()) / max(1, len(conv_relu_acts))
     conv_mean = sum(s.mean for s in chains["conv"].stats()) / max(1, len(chains["conv"]))
     relu_mean = sum(s.mean for s in conv_relu_acts.stats()) / max(1, len(conv_relu_acts))
@@ -136,16 +160,31 @@ def run_demo(
         networks[name] = maps
         deepest = maps.entries[-1]
         net_pics = [
-            Picture(f"network_{name}_overview.png", render.overview(maps, reduce="mean"), kind="overview",
-                    caption=f"VGG16 network mode on {name}: the 13 conv outputs (channel mean)"),
-            Picture(f"network_{name}_overlay.png", render.overlay(deepest, maps.image, reduce="mean", alpha=0.55, legend=True),
-                    kind="overlay", layer=deepest.name, caption=f"{deepest.name} (channel mean) over the input"),
+            Picture(
+                f"network_{name}_overview.png",
+                render.overview(maps, reduce="mean"),
+                kind="overview",
+                caption=f"VGG16 network mode on {name}: the 13 conv outputs (channel mean)",
+            ),
+            Picture(
+                f"network_{name}_overlay.png",
+                render.overlay(deepest, maps.image, reduce="mean", alpha=0.55, legend=True),
+                kind="overlay",
+                layer=deepest.name,
+                caption=f"{deepest.name} (channel mean) over the input",
+            ),
         ]
         if name == "edge":
             for layer in (maps.entries[0], maps.entries[6], deepest):
-                net_pics.append(Picture(f"network_edge_grid_{layer.name}.png", render.channel_grid(layer, top_k=32, cmap="RdBu_r", diverging=True),
-                                        kind="grid", layer=layer.name,
-                                        caption=f"{layer.name}: the 32 strongest channels; conv outputs keep their negative values (blue)"))
+                net_pics.append(
+                    Picture(
+                        f"network_edge_grid_{layer.name}.png",
+                        render.channel_grid(layer, top_k=32, cmap="RdBu_r", diverging=True),
+                        kind="grid",
+                        layer=layer.name,
+                        caption=f"{layer.name}: the 32 strongest channels; conv outputs keep their negative values (blue)",
+                    )
+                )
         net_sections.append(Section(f"The real network on {name}", text=_top5(vgg, maps), pictures=net_pics))
         step(f"captured VGG16 on {name}")
 
@@ -156,10 +195,18 @@ def run_demo(
     pair = {"VGG16": networks[cmp_name], "AlexNet": alex_maps}
     edge_pair = {"VGG16": networks["edge"], "AlexNet": capture(alex, edge, layers="conv")}
     pics_cmp = [
-        Picture("vgg16_vs_alexnet.png", render.compare_runs(pair, norm="map"), kind="comparison",
-                caption=f"VGG16 (13 conv layers) vs AlexNet (5) on {cmp_name}, columns matched by relative depth"),
-        Picture("vgg16_vs_alexnet_edge.png", render.compare_runs(edge_pair, norm="map"), kind="comparison",
-                caption="the same on the edge picture"),
+        Picture(
+            "vgg16_vs_alexnet.png",
+            render.compare_runs(pair, norm="map"),
+            kind="comparison",
+            caption=f"VGG16 (13 conv layers) vs AlexNet (5) on {cmp_name}, columns matched by relative depth",
+        ),
+        Picture(
+            "vgg16_vs_alexnet_edge.png",
+            render.compare_runs(edge_pair, norm="map"),
+            kind="comparison",
+            caption="the same on the edge picture",
+        ),
     ]
     step("compared VGG16 and AlexNet")
 
@@ -167,30 +214,53 @@ def run_demo(
     import torch
 
     first_conv = next(m for m in vgg.module.modules() if isinstance(m, torch.nn.Conv2d))
-    filt = Picture("filters_vgg16_conv1.png", render.filters(first_conv), kind="filters", caption="VGG16's 64 first-layer filters (RGB)")
+    filt = Picture(
+        "filters_vgg16_conv1.png",
+        render.filters(first_conv),
+        kind="filters",
+        caption="VGG16's 64 first-layer filters (RGB)",
+    )
 
     weights_text = f"VGG16 {vgg.weights}, AlexNet {alex.weights}"
     warning = None
     title = "featuremaps demo: what VGG16 sees"
     if not pretrained:
         title += " — RANDOM WEIGHTS (pretrained weights unavailable)"
-        warning = ("Pretrained weights were not available (not cached, no download possible), so this demo ran with RANDOM "
-                   "weights: the pictures show an untrained network. Put the weights in torchvision's cache (see the terminal "
-                   "message) and run `featuremaps demo` again for the real thing.")
+        warning = (
+            "Pretrained weights were not available (not cached, no download possible), so this demo ran with RANDOM "
+            "weights: the pictures show an untrained network. Put the weights in torchvision's cache (see the terminal "
+            "message) and run `featuremaps demo` again for the real thing."
+        )
     sections = [
-        Section("The test picture", text="A 224x224 sheet of geometric edges drawn for the occasion, as in the seed.", pictures=[pics[0]]),
-        Section("Three ways through VGG16's conv layers", text=chain_text, pictures=pics[1:],
-                tables=[(f"{label} chain: per-layer numbers", maps.stats()) for label, maps in chains.items()]),
+        Section(
+            "The test picture",
+            text="A 224x224 sheet of geometric edges drawn for the occasion, as in the seed.",
+            pictures=[pics[0]],
+        ),
+        Section(
+            "Three ways through VGG16's conv layers",
+            text=chain_text,
+            pictures=pics[1:],
+            tables=[(f"{label} chain: per-layer numbers", maps.stats()) for label, maps in chains.items()],
+        ),
         *net_sections,
-        Section("VGG16 against AlexNet", text="The seed found VGG16's maps sharper than AlexNet's; compare for yourself.",
-                pictures=pics_cmp, tables=[("AlexNet on " + cmp_name, alex_maps.stats())]),
+        Section(
+            "VGG16 against AlexNet",
+            text="The seed found VGG16's maps sharper than AlexNet's; compare for yourself.",
+            pictures=pics_cmp,
+            tables=[("AlexNet on " + cmp_name, alex_maps.stats())],
+        ),
         Section("Filters: the other half of what a CNN sees", pictures=[filt]),
     ]
     all_pics = encode_pictures([p for s in sections for p in s.pictures])
     by_path = {p.path: p for p in all_pics}
     sections = [Section(s.title, s.text, [by_path[p.path] for p in s.pictures], s.tables) for s in sections]
-    html_text = build_report(title=title, sections=sections, warning=warning,
-                             meta={"weights": weights_text, "input size": f"{size}x{size}", "device": str(device)})
+    html_text = build_report(
+        title=title,
+        sections=sections,
+        warning=warning,
+        meta={"weights": weights_text, "input size": f"{size}x{size}", "device": str(device)},
+    )
     manifest = {
         "pretrained": pretrained, "weights": weights_text,
         "runs": {f"chain {k}": manifest_for(v, raw=False) for k, v in chains.items()}
@@ -203,4 +273,6 @@ def run_demo(
         (tmp / "index.html").write_text(html_text, encoding="utf-8")
         write_manifest(tmp, manifest, kind="demo")
     step("wrote the report")
-    return DemoResult(folder=Path(folder), pretrained=pretrained, weights=weights_text, chains=chains, networks=networks)
+    return DemoResult(
+        folder=Path(folder), pretrained=pretrained, weights=weights_text, chains=chains, networks=networks
+    )

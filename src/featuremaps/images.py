@@ -73,9 +73,7 @@ def _sample_name(name: str) -> str:
     key = name[len(_SAMPLE_PREFIX) :] if name.startswith(_SAMPLE_PREFIX) else name
     key = key.strip().lower()
     if key not in SAMPLES:
-        raise ImageError(
-            f"unknown sample {_one_line(name)!r} — available samples: {', '.join(SAMPLES)}"
-        )
+        raise ImageError(f"unknown sample {_one_line(name)!r} — available samples: {', '.join(SAMPLES)}")
     return key
 
 
@@ -88,8 +86,7 @@ def _read_sample(key: str) -> bytes:
         return bytes(_sample_resource(key).read_bytes())
     except OSError as exc:
         raise ImageError(
-            f"sample:{key} is missing from the installed package ({_one_line(exc)}) "
-            "— reinstall featuremaps"
+            f"sample:{key} is missing from the installed package ({_one_line(exc)}) — reinstall featuremaps"
         ) from None
 
 
@@ -103,9 +100,7 @@ def sample_path(name: str) -> Path:
         )
     path = Path(os.fspath(_sample_resource(key)))
     if not path.is_file():
-        raise ImageError(
-            f"sample:{key} is missing from the installed package ({path}) — reinstall featuremaps"
-        )
+        raise ImageError(f"sample:{key} is missing from the installed package ({path}) — reinstall featuremaps")
     return path
 
 
@@ -266,10 +261,7 @@ def load_image(
     elif hasattr(source, "read"):
         image = _decode_bytes(_read_stream(source, label), label, max_pixels)
     else:
-        raise ImageError(
-            f"cannot load an image from an object of type {type(source).__name__} "
-            f"— pass {_ACCEPTED}"
-        )
+        raise ImageError(f"cannot load an image from an object of type {type(source).__name__} — pass {_ACCEPTED}")
     _check_min_size(image, label, min_size)
     return image
 
@@ -278,8 +270,7 @@ def _check_min_size(image: Image.Image, label: str, min_size: int) -> None:
     w, h = image.size
     if w < min_size or h < min_size:
         raise ImageError(
-            f"{label} {_is(label)} {w}x{h} pixels; this model needs at least {min_size}x{min_size} "
-            "— use a larger image"
+            f"{label} {_is(label)} {w}x{h} pixels; this model needs at least {min_size}x{min_size} — use a larger image"
         )
 
 
@@ -304,16 +295,12 @@ def _load_path(source: str | os.PathLike[str], label: str, max_pixels: int) -> I
     try:
         with open(path, "rb") as fp:
             if os.fstat(fp.fileno()).st_size == 0:
-                raise ImageError(
-                    f"{label} {_is(label)} empty (0 bytes) — re-save or re-download the image"
-                )
+                raise ImageError(f"{label} {_is(label)} empty (0 bytes) — re-save or re-download the image")
             return _decode(fp, label, max_pixels)
     except FileNotFoundError:
         raise ImageError(f"image file {shown} not found — check the path") from None
     except PermissionError:
-        raise ImageError(
-            f"{shown} cannot be read (permission denied) — check its permissions"
-        ) from None
+        raise ImageError(f"{shown} cannot be read (permission denied) — check its permissions") from None
     except IsADirectoryError:
         raise ImageError(is_dir) from None
     except OSError as exc:  # ImageError is not an OSError, so it passes through
@@ -324,13 +311,9 @@ def _read_stream(stream: Any, label: str) -> bytes:
     try:
         data = stream.read()
     except (OSError, ValueError) as exc:
-        raise ImageError(
-            f"{label} cannot be read ({_one_line(exc)}) — pass an open binary file"
-        ) from None
+        raise ImageError(f"{label} cannot be read ({_one_line(exc)}) — pass an open binary file") from None
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ImageError(
-            f"{label} gave {type(data).__name__}, not bytes — open the file in binary mode ('rb')"
-        )
+        raise ImageError(f"{label} gave {type(data).__name__}, not bytes — open the file in binary mode ('rb')")
     return bytes(data)
 
 
@@ -355,23 +338,18 @@ def _decode(fp: Any, label: str, max_pixels: int) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(
-            f"{label} {_is(label)} too large to decode safely ({_one_line(exc, 200)}) "
-            "— resize it first"
+            f"{label} {_is(label)} too large to decode safely ({_one_line(exc, 200)}) — resize it first"
         ) from None
     except UnidentifiedImageError:
         raise ImageError(
-            f"{label} {_is(label)} not an image that can be read "
-            "— pass a PNG, JPEG, BMP, GIF, TIFF or WebP image"
+            f"{label} {_is(label)} not an image that can be read — pass a PNG, JPEG, BMP, GIF, TIFF or WebP image"
         ) from None
     except _DECODE_ERRORS as exc:
         raise ImageError(_corrupt(label, exc)) from None
 
 
 def _corrupt(label: str, exc: BaseException) -> str:
-    return (
-        f"{label} {_is(label)} truncated or corrupt ({_one_line(exc)}) "
-        "— re-save or re-download the image"
-    )
+    return f"{label} {_is(label)} truncated or corrupt ({_one_line(exc)}) — re-save or re-download the image"
 
 
 def _from_pil(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
@@ -487,13 +465,10 @@ def _from_array(array: np.ndarray, label: str, max_pixels: int) -> Image.Image:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageError(
-            f"{label} has shape {shape}; expected HxW, HxWx1, HxWx3, HxWx4 or 1/3/4xHxW "
-            "— pass a single image"
+            f"{label} has shape {shape}; expected HxW, HxWx1, HxWx3, HxWx4 or 1/3/4xHxW — pass a single image"
         )
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageError(
-            f"{label} has shape {shape}, which holds no pixels — pass a non-empty image"
-        )
+        raise ImageError(f"{label} has shape {shape}, which holds no pixels — pass a non-empty image")
     _check_pixels((array.shape[1], array.shape[0]), label, max_pixels)
     pixels = _array_to_uint8(array, label)
     image = Image.fromarray(np.ascontiguousarray(pixels))
@@ -513,9 +488,7 @@ def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         values = array.astype(np.float64)
         if not np.isfinite(values).all():
-            raise ImageError(
-                f"{label} contains NaN or infinite values — pass finite floats in [0, 1] or uint8"
-            )
+            raise ImageError(f"{label} contains NaN or infinite values — pass finite floats in [0, 1] or uint8")
         lo, hi = float(values.min()), float(values.max())
         if lo < -_FLOAT_TOLERANCE or hi > 1 + _FLOAT_TOLERANCE:
             raise ImageError(
@@ -532,8 +505,7 @@ def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
             "— pass uint8 (0..255), uint16 (0..65535) or floats in [0, 1]"
         )
     raise ImageError(
-        f"{label} has dtype {dtype}, which is not an image type "
-        "— pass uint8, uint16, bool or floats in [0, 1]"
+        f"{label} has dtype {dtype}, which is not an image type — pass uint8, uint16, bool or floats in [0, 1]"
     )
 
 
@@ -543,10 +515,7 @@ def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
 def _fetch(url: str, label: str) -> bytes:
     """Download ``url`` (at most MAX_DOWNLOAD_BYTES, URL_TIMEOUT seconds per wait)."""
     limit, timeout, shown = MAX_DOWNLOAD_BYTES, URL_TIMEOUT, label
-    too_large = (
-        f"{shown} is larger than the download limit of {limit:,} bytes "
-        "— download and resize the image first"
-    )
+    too_large = f"{shown} is larger than the download limit of {limit:,} bytes — download and resize the image first"
     request = urllib.request.Request(url, headers={"User-Agent": "featuremaps"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -563,17 +532,14 @@ def _fetch(url: str, label: str) -> bytes:
     except ImageError:
         raise
     except urllib.error.HTTPError as exc:
-        raise ImageError(
-            f"{shown} returned HTTP {exc.code} {_one_line(exc.reason)} — check the address"
-        ) from None
+        raise ImageError(f"{shown} returned HTTP {exc.code} {_one_line(exc.reason)} — check the address") from None
     except TimeoutError:
         raise ImageError(_timed_out(shown, timeout)) from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, TimeoutError):
             raise ImageError(_timed_out(shown, timeout)) from None
         raise ImageError(
-            f"{shown} is unreachable ({_one_line(exc.reason)}) "
-            "— check the address and the network"
+            f"{shown} is unreachable ({_one_line(exc.reason)}) — check the address and the network"
         ) from None
     except (OSError, ValueError, http.client.HTTPException) as exc:  # reset, bad status, bad URL
         raise ImageError(
@@ -584,7 +550,4 @@ def _fetch(url: str, label: str) -> bytes:
 
 
 def _timed_out(shown: str, timeout: float) -> str:
-    return (
-        f"{shown} timed out after {timeout:g} s "
-        "— check the address and the network, or download the image first"
-    )
+    return f"{shown} timed out after {timeout:g} s — check the address and the network, or download the image first"

@@ -15,118 +15,20 @@ import importlib
 import importlib.util
 import io
 import os
-import pickle
 import socket
 import sys
 import urllib.error
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import ImageError, ModelError, WeightsUnavailableError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from PIL import Image
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-
-
-# --------------------------------------------------------------------------------------------------
-# Preprocessing
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a picture becomes the model's input.
-
-    Like the seed, the whole picture is resized to ``size`` (no crop), then normalized with the
-    weights' own mean and std.
-    """
-
-    size: tuple[int, int] = (224, 224)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    min_size: tuple[int, int] = (1, 1)
-    interpolation: str = "bilinear"
-
-    def with_size(self, size: int | tuple[int, int] | None) -> "Preprocessing":
-        """The same preprocessing at another input size (``None`` keeps this one)."""
-        if size is None:
-            return self
-        hw = _as_hw(size)
-        if hw[0] < self.min_size[0] or hw[1] < self.min_size[1]:
-            raise ModelError(
-                f"input size {hw[0]}x{hw[1]} is smaller than this model's minimum "
-                f"{self.min_size[0]}x{self.min_size[1]}; choose a larger --size"
-            )
-        return replace(self, size=hw)
-
-    def resize(self, image: "Image.Image") -> "Image.Image":
-        """The picture as the model sees it: RGB, resized to :attr:`size` (height, width)."""
-        from PIL import Image
-
-        h, w = self.size
-        if image.size == (w, h):
-            return image
-        method = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}.get(
-            self.interpolation, Image.Resampling.BILINEAR
-        )
-        return image.resize((w, h), method, reducing_gap=None)
-
-    def to_tensor(self, resized: "Image.Image") -> torch.Tensor:
-        """A resized RGB picture -> normalized ``(1, 3, H, W)`` float tensor."""
-        import numpy as np
-
-        arr = torch.from_numpy(np.asarray(resized.convert("RGB"), dtype=np.uint8).copy())
-        x = arr.permute(2, 0, 1).float().div_(255.0)
-        mean = torch.tensor(self.mean).view(-1, 1, 1)
-        std = torch.tensor(self.std).view(-1, 1, 1)
-        return ((x - mean) / std).unsqueeze(0)
-
-    def __call__(self, image: "Image.Image") -> tuple[torch.Tensor, "Image.Image"]:
-        """Resize and normalize; returns the input tensor and the resized picture."""
-        if image.width < self.min_size[1] or image.height < self.min_size[0]:
-            raise ImageError(
-                f"the image is {image.width}x{image.height} pixels; this model needs at least "
-                f"{self.min_size[1]}x{self.min_size[0]} — use a larger image"
-            )
-        resized = self.resize(image)
-        return self.to_tensor(resized), resized
-
-
-def _as_hw(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        hw = (size, size)
-    elif isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
-        hw = (int(size[0]), int(size[1]))
-    else:
-        raise ModelError(f"size must be an int or (height, width), got {size!r}")
-    if hw[0] < 1 or hw[1] < 1:
-        raise ModelError(f"size must be positive, got {hw[0]}x{hw[1]}")
-    return hw
-
-
-def _preprocessing_from_weights(weights: Any | None, size: int | tuple[int, int] | None) -> Preprocessing:
-    """Mean, std, default size and minimum size from a torchvision weights enum (no download)."""
-    pre = Preprocessing()
-    if weights is not None:
-        t = weights.transforms()
-        crop = getattr(t, "crop_size", [224])
-        interp = getattr(getattr(t, "interpolation", None), "value", "bilinear")
-        min_size = weights.meta.get("min_size", (1, 1))
-        pre = Preprocessing(
-            size=_as_hw(int(crop[0])),
-            mean=tuple(float(v) for v in getattr(t, "mean", IMAGENET_MEAN)),
-            std=tuple(float(v) for v in getattr(t, "std", IMAGENET_STD)),
-            min_size=(int(min_size[0]), int(min_size[1])),
-            interpolation=str(interp),
-        )
-    return pre.with_size(size)
+from .checkpoints import CHECKPOINT_SUFFIXES, first_line, load_checkpoint
+from .errors import ModelError, WeightsUnavailableError
+from .preprocess import Preprocessing, preprocessing_from_weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,7 +56,7 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return _module_device(self.module)
+        return module_device(self.module)
 
     def with_size(self, size: int | tuple[int, int] | None) -> "Model":
         """The same model fed at another input size."""
@@ -164,7 +66,16 @@ class Model:
         return sum(p.numel() for p in self.module.parameters())
 
 
-def _module_device(module: nn.Module) -> torch.device:
+def unwrap_model(model: "Model | nn.Module") -> tuple[nn.Module, "Model | None"]:
+    """``(module, Model or None)`` for a featuremaps :class:`Model` or a plain ``nn.Module``."""
+    if isinstance(model, Model):
+        return model.module, model
+    if isinstance(model, nn.Module):
+        return model, None
+    raise TypeError(f"featuremaps needs a featuremaps Model or a torch.nn.Module, not {type(model).__name__}")
+
+
+def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     for b in module.buffers():
@@ -244,70 +155,6 @@ def _looks_like_path(text: str) -> bool:
     return text.lower().endswith(CHECKPOINT_SUFFIXES) or os.sep in text or text.startswith(".")
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict from a ``.pth``/``.pt`` file (plain tensors only: ``weights_only=True``) or a
-    ``.safetensors`` file. ``{"state_dict": ...}``/``{"model": ...}`` wrappers and a
-    ``module.`` prefix (DataParallel) are unwrapped."""
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(f"checkpoint {str(p)!r} not found; give the path of a .pth or .safetensors file")
-    if p.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(p), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise ModelError(f"cannot read {p.name} as safetensors ({_first_line(exc)}); is the file complete?") from None
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ModelError(
-                f"refusing to load {p.name}: it holds Python objects that could run code when unpickled "
-                f"({_first_line(exc)[:120]}); save a plain state_dict with torch.save(model.state_dict(), path) "
-                "or use .safetensors"
-            ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise ModelError(f"cannot read checkpoint {p.name} ({_first_line(exc)[:160]}); is it a torch.save file?") from None
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{p.name} is not a state_dict (a dict of tensors); save one with torch.save(model.state_dict(), path)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def _load_checkpoint(module: nn.Module, path: str | os.PathLike, label: str) -> None:
-    state = read_state_dict(path)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        own = module.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            parts.append(f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})")
-        detail = "; ".join(parts) or _first_line(exc)[:160]
-        raise ModelError(f"{Path(path).name} does not fit {label}: {detail}; check that it was saved from this architecture") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
@@ -350,9 +197,13 @@ def _import_attr(spec: str) -> Any:
     except ModelError:
         raise
     except ImportError as exc:
-        raise ModelError(f"cannot import {target!r} for model {spec!r} ({_first_line(exc)}); check the module path and PYTHONPATH") from None
+        raise ModelError(
+            f"cannot import {target!r} for model {spec!r} ({first_line(exc)}); check the module path and PYTHONPATH"
+        ) from None
     except Exception as exc:
-        raise ModelError(f"importing {target!r} for model {spec!r} failed: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise ModelError(
+            f"importing {target!r} for model {spec!r} failed: {type(exc).__name__}: {first_line(exc)}"
+        ) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -369,7 +220,9 @@ def _build_user_model(spec: str) -> nn.Module:
         try:
             built = obj()
         except TypeError as exc:
-            raise ModelError(f"{spec} must be callable without arguments ({_first_line(exc)}); wrap it in a factory function") from None
+            raise ModelError(
+                f"{spec} must be callable without arguments ({first_line(exc)}); wrap it in a factory function"
+            ) from None
         if isinstance(built, nn.Module):
             return built
         raise ModelError(f"{spec} returned a {type(built).__name__}, not a torch.nn.Module")
@@ -413,8 +266,16 @@ def load_model(
         module = model
         label = type(model).__name__
         if is_path:
-            raise ModelError("load a checkpoint into your own nn.Module yourself, or pass it as 'package.module:attr' with weights=path")
-        return Model(module=module, name=label, weights="as given", pretrained=False, preprocessing=Preprocessing().with_size(size))
+            raise ModelError(
+                "load a checkpoint into your own nn.Module yourself, or pass it as 'package.module:attr' with weights=path"
+            )
+        return Model(
+            module=module,
+            name=label,
+            weights="as given",
+            pretrained=False,
+            preprocessing=Preprocessing().with_size(size),
+        )
 
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"a model is a torchvision name, 'package.module:attr' or an nn.Module, not {model!r}")
@@ -428,7 +289,7 @@ def load_model(
             module = _build_user_model(model)
         pre = Preprocessing().with_size(size)
         if is_path:
-            _load_checkpoint(module, wspec, model)
+            load_checkpoint(module, wspec, model)
             wname, pretrained = f"checkpoint:{wspec}", True
         else:
             wname, pretrained = f"random(seed={seed})", False
@@ -444,7 +305,7 @@ def load_model(
         if is_path:
             with _seeded(seed):
                 module = get_model(name, weights=None, **_builder_overrides(name))
-            _load_checkpoint(module, wspec, name)
+            load_checkpoint(module, wspec, name)
             wname, pretrained, enum = f"checkpoint:{wspec}", True, default_enum
         elif wspec.lower() == "random":
             with _seeded(seed):
@@ -460,14 +321,19 @@ def load_model(
             except RuntimeError as exc:
                 if "hash" in str(exc).lower() or "zip" in str(exc).lower() or "corrupt" in str(exc).lower():
                     raise WeightsUnavailableError(
-                        f"the cached weights file {weights_file(enum)} is damaged ({_first_line(exc)[:100]}); delete it and run again"
+                        f"the cached weights file {weights_file(enum)} is damaged ({first_line(exc)[:100]}); delete it and run again"
                     ) from None
                 raise
             wname, pretrained = enum.name, True
             categories = tuple(enum.meta.get("categories") or ()) or None
-    pre = _preprocessing_from_weights(enum, size)
+    pre = preprocessing_from_weights(enum, size)
     return Model(
-        module=module.eval().to(dev), name=name, weights=wname, pretrained=pretrained, preprocessing=pre, categories=categories
+        module=module.eval().to(dev),
+        name=name,
+        weights=wname,
+        pretrained=pretrained,
+        preprocessing=pre,
+        categories=categories,
     )
 
 
@@ -476,7 +342,10 @@ def _download_messages(shown: bool):
     """torch.hub announces each download with a print, progress bar or not. Keep it off stdout
     (which may carry a command's results) and out of a failed load's one-line error; the progress
     bar (stderr) stays unless ``shown`` is off (``--quiet``)."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.nullcontext() if shown else contextlib.redirect_stderr(io.StringIO()):
+    with (
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.nullcontext() if shown else contextlib.redirect_stderr(io.StringIO()),
+    ):
         yield
 
 
@@ -499,7 +368,7 @@ def _builder_overrides(name: str) -> dict[str, Any]:
 
 def _offline_message(name: str, enum: Any, exc: BaseException) -> str:
     target = weights_file(enum)
-    reason = _first_line(exc)[:80]
+    reason = first_line(exc)[:80]
     return (
         f"pretrained weights {name}/{enum.name} are not cached and cannot be downloaded ({reason}): "
         f"put {target.name} into {target.parent} (or set TORCH_HOME), pass a checkpoint file as weights, "

@@ -2,25 +2,24 @@
 only its strongest channels.
 
 They run inside a capture hook (so the full output never has to be kept) and afterwards on a
-captured map; both paths call the same functions.
+captured map; both paths call the same functions. Importing this module does not import torch
+(the CLI checks ``--reduce`` before torch loads); the functions use the tensors' own methods.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import ReductionError
 
-from .errors import FeatureMapsError
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 #: Reductions of the channel axis to one 2-D map.
 REDUCTIONS: tuple[str, ...] = ("mean", "max", "l2", "std")
 #: How top-k channels are ranked.
 RANKINGS: tuple[str, ...] = ("mean", "max")
-
-
-class ReductionError(FeatureMapsError, ValueError):
-    """A reduction spec is not one featuremaps knows."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class Reduction:
         """The string that :func:`parse_reduction` turns back into this reduction."""
         return f"topk:{self.k}:{self.by}" if self.method == "topk" else self.method
 
-    def apply(self, output: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    def apply(self, output: "torch.Tensor") -> "tuple[torch.Tensor, tuple[int, ...] | None]":
         """Reduce a ``(N, C, ...)`` output. Returns the kept tensor and, for top-k, the channel indices."""
         if self.method == "topk":
             return top_channels(output, self.k or 1, by=self.by)
@@ -79,23 +78,27 @@ def parse_reduction(spec: "str | Reduction | None") -> Reduction | None:
     return Reduction(text)
 
 
-def reduce_channels(output: torch.Tensor, method: str) -> torch.Tensor:
+def reduce_channels(output: "torch.Tensor", method: str) -> "torch.Tensor":
     """Reduce the channel axis (dim 1) of ``output``: ``(N, C, H, W) -> (N, H, W)``."""
     if output.ndim < 3:
-        raise ReductionError(f"a channel reduction needs a spatial output (N, C, H, W), got shape {tuple(output.shape)}")
+        raise ReductionError(
+            f"a channel reduction needs a spatial output (N, C, H, W), got shape {tuple(output.shape)}"
+        )
     x = output if output.is_floating_point() else output.float()
     if method == "mean":
         return x.mean(dim=1)
     if method == "max":
         return x.amax(dim=1)
     if method == "l2":
+        import torch
+
         return torch.linalg.vector_norm(x, ord=2, dim=1)
     if method == "std":
         return x.std(dim=1, correction=0)
     raise ReductionError(f"unknown reduction {method!r}; use one of {', '.join(REDUCTIONS)}")
 
 
-def channel_scores(output: torch.Tensor, by: str = "mean", sample: int = 0) -> torch.Tensor:
+def channel_scores(output: "torch.Tensor", by: str = "mean", sample: int = 0) -> "torch.Tensor":
     """Per-channel score (``mean`` or ``max`` over space) of one sample: ``(C,)``."""
     flat = output[sample].reshape(output.shape[1], -1).float()
     if by == "mean":
@@ -105,10 +108,10 @@ def channel_scores(output: torch.Tensor, by: str = "mean", sample: int = 0) -> t
     raise ReductionError(f"top-k ranks channels by {' or '.join(RANKINGS)}, not {by!r}")
 
 
-def top_channels(output: torch.Tensor, k: int, *, by: str = "mean") -> tuple[torch.Tensor, tuple[int, ...]]:
+def top_channels(output: "torch.Tensor", k: int, *, by: str = "mean") -> "tuple[torch.Tensor, tuple[int, ...]]":
     """The ``k`` channels of highest score (ranked on the first sample), strongest first."""
     if output.ndim < 3:
         raise ReductionError(f"top-k channels need a spatial output (N, C, H, W), got shape {tuple(output.shape)}")
     k = min(k, output.shape[1])
-    idx = torch.topk(channel_scores(output, by), k).indices
+    idx = channel_scores(output, by).topk(k).indices
     return output.index_select(1, idx), tuple(int(i) for i in idx.tolist())

@@ -25,7 +25,6 @@ import shutil
 import socket
 import uuid
 import zipfile
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +35,10 @@ import numpy as np
 import torch
 
 from .errors import RunError
-from .maps import FeatureMap, FeatureMaps, LayerStats
+from .layers import file_stem
+from .maps import FeatureMap, FeatureMaps
+from .render.png import to_png_bytes
+from .stats import LayerStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -61,12 +63,10 @@ class Picture:
     png: bytes | None = field(default=None, repr=False)
 
     def encoded(self) -> bytes:
-        """The PNG file's bytes (fast compression)."""
+        """The PNG file's bytes (:func:`featuremaps.render.png.to_png_bytes`, fast settings)."""
         if self.png is not None:
             return self.png
-        buf = io.BytesIO()
-        self.image.save(buf, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)  # fast: zlib's RLE mode
-        return buf.getvalue()
+        return to_png_bytes(self.image, rle=True)
 
     def with_png(self) -> "Picture":
         """The same picture with its PNG bytes encoded and kept."""
@@ -75,15 +75,9 @@ class Picture:
         return self if self.png is not None else replace(self, png=self.encoded())
 
 
-def safe_name(text: str) -> str:
-    """A layer name as a file-name part: ``features.28`` stays, ``layer1.0.relu#2`` -> ``layer1.0.relu_call2``."""
-    text = text.replace("#", "_call")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "layer"
-
-
 def layer_stem(entry: FeatureMap) -> str:
-    """The file stem used for one entry: ``NNN_<name>``."""
-    return f"{entry.index:03d}_{safe_name(entry.name)}"
+    """The file stem used for one entry: ``NNN_<name>`` (:func:`featuremaps.layers.file_stem`)."""
+    return file_stem(entry.index, entry.name)
 
 
 def _check_relpath(path: str) -> str:
@@ -93,7 +87,9 @@ def _check_relpath(path: str) -> str:
     return p.as_posix()
 
 
-def manifest_for(maps: FeatureMaps, *, raw: bool, pictures: Iterable[Picture] = (), extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def manifest_for(
+    maps: FeatureMaps, *, raw: bool, pictures: Iterable[Picture] = (), extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The manifest describing ``maps`` (and the pictures written beside it)."""
     layers = []
     for e in maps.entries:
@@ -126,7 +122,14 @@ def manifest_for(maps: FeatureMaps, *, raw: bool, pictures: Iterable[Picture] = 
         "input_image": "input.png" if maps.image is not None else None,
         "layers": layers,
         "pictures": [
-            {"path": p.path, "kind": p.kind, "layer": p.layer, "caption": p.caption, "width": p.image.width, "height": p.image.height}
+            {
+                "path": p.path,
+                "kind": p.kind,
+                "layer": p.layer,
+                "caption": p.caption,
+                "width": p.image.width,
+                "height": p.image.height,
+            }
             for p in pictures
         ],
     }
@@ -402,7 +405,9 @@ def read_manifest(folder: str | os.PathLike, *, kind: str | None = None) -> dict
     by their content)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise RunError(f"{folder} is not a featuremaps run folder (no {MANIFEST}); give a folder written by `featuremaps show`")
+        raise RunError(
+            f"{folder} is not a featuremaps run folder (no {MANIFEST}); give a folder written by `featuremaps show`"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -414,7 +419,11 @@ def read_manifest(folder: str | os.PathLike, *, kind: str | None = None) -> dict
     if kind is not None and found != kind:
         what = f"a {found} folder" if found in FOLDER_KINDS else "not a folder of a known kind"
         readers = {"run": "load_run", "atlas": "open_atlas"}
-        hint = f"; open it with {readers[found]}" if found in readers else ("; its runs are in its subfolders" if found == "comparison" else "")
+        hint = (
+            f"; open it with {readers[found]}"
+            if found in readers
+            else ("; its runs are in its subfolders" if found == "comparison" else "")
+        )
         raise RunError(f"{folder} is {what}, not a {kind} folder{hint}")
     return manifest
 
@@ -426,7 +435,9 @@ def load_run(folder: str | os.PathLike) -> FeatureMaps:
     entries = []
     for layer in manifest["layers"]:
         if not layer.get("raw"):
-            raise RunError(f"{root} was saved without raw maps, so it cannot be loaded back; save it again with raw maps")
+            raise RunError(
+                f"{root} was saved without raw maps, so it cannot be loaded back; save it again with raw maps"
+            )
         raw = root / _check_relpath(layer["raw"])
         try:
             array = np.load(raw, allow_pickle=False)
@@ -482,6 +493,9 @@ def zip_run(folder: str | os.PathLike, dest: str | os.PathLike | BinaryIO | None
         for path in sorted(root.rglob("*")):
             if path.is_file():
                 stored = path.suffix in (".png", ".npy")
-                zf.write(path, arcname=f"{root.name}/{path.relative_to(root).as_posix()}",
-                         compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+                zf.write(
+                    path,
+                    arcname=f"{root.name}/{path.relative_to(root).as_posix()}",
+                    compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED,
+                )
     return target.getvalue() if dest is None else None

@@ -14,8 +14,8 @@ Life of a run (a *job*)::
 - ``running``: one forward pass (``capture``) under that model's lock, so two users of one
   model queue instead of racing;
 - ``rendering``: the maps are in memory (the page can draw from them already) while the run
-  folder is written the way ``featuremaps show`` writes it (``report.show_pictures``,
-  ``report.show_report``, ``runs.save_run``: pictures, index.html, manifest, raw maps);
+  folder is written the way ``featuremaps show`` writes it (``show.show_pictures``,
+  ``show.show_report``, ``runs.save_run``: pictures, index.html, manifest, raw maps);
 - ``done``: the maps stay in a small in-memory LRU (bounded in bytes) and are read back with
   ``runs.load_run`` when they were dropped. Finished runs beyond ``max_runs`` are deleted,
   oldest first.
@@ -23,8 +23,6 @@ Life of a run (a *job*)::
 
 from __future__ import annotations
 
-import math
-import os
 import re
 import secrets
 import shutil
@@ -37,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import report, runs
+from .. import runs, show
 from ..capture import capture
-from ..errors import FeatureMapsError, RunError
+from ..errors import Busy, FeatureMapsError, NotReady, RunError, UnknownRun
 from ..maps import FeatureMaps
-from ..models import Model, load_model
+from ..models import Model
+from ..stats import clean_stats
+from .caches import BytesCache, MapsCache, ModelCache
 from .tiles import layer_summary
 
 #: A run id: 16 lowercase hex digits, nothing else (it becomes a folder name).
@@ -59,17 +59,6 @@ def new_run_id() -> str:
 
 def valid_run_id(run_id: str) -> bool:
     return isinstance(run_id, str) and RUN_ID_RE.fullmatch(run_id) is not None
-
-
-def clean_number(value: Any) -> Any:
-    """NaN / inf -> None so that the JSON stays strict."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def clean_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: clean_number(v) for k, v in stats.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,7 +121,14 @@ class Job:
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "request": None
             if req is None
-            else {"model": req.model, "weights": req.weights, "mode": req.mode, "layers": req.layers, "size": req.size, "source": req.source},
+            else {
+                "model": req.model,
+                "weights": req.weights,
+                "mode": req.mode,
+                "layers": req.layers,
+                "size": req.size,
+                "source": req.source,
+            },
         }
         if self.state in ("rendering", "done"):
             out.update(self.info)
@@ -141,189 +137,8 @@ class Job:
 
 
 # --------------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------------
-class _Slot:
-    def __init__(self) -> None:
-        self.model: Model | None = None
-        self.load_lock = threading.Lock()  # one load at a time for this key
-        self.run_lock = threading.Lock()  # one forward pass at a time for this model
-
-
-class ModelCache:
-    """Loaded models, least recently used dropped beyond ``max_models``; a lock per model."""
-
-    def __init__(self, max_models: int, *, device: str = "cpu", checkpoints: Mapping[str, Path] | None = None,
-                 loader: Callable[..., Model] = load_model):
-        self.max_models = max(1, int(max_models))
-        self.device = device
-        self.checkpoints = dict(checkpoints or {})
-        self._loader = loader
-        self._slots: OrderedDict[tuple[str, str], _Slot] = OrderedDict()
-        self._lock = threading.Lock()
-        self.loads = 0
-
-    def _slot(self, key: tuple[str, str]) -> _Slot:
-        with self._lock:
-            slot = self._slots.get(key)
-            if slot is None:
-                slot = self._slots[key] = _Slot()
-            self._slots.move_to_end(key)
-            return slot
-
-    def is_loaded(self, name: str, weights: str) -> bool:
-        with self._lock:
-            slot = self._slots.get((name, weights))
-            return slot is not None and slot.model is not None
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return [f"{n} ({w})" for (n, w), s in self._slots.items() if s.model is not None]
-
-    def get(self, name: str, weights: str) -> tuple[Model, threading.Lock]:
-        """The model (loaded now if needed) and its forward-pass lock."""
-        slot = self._slot((name, weights))
-        with slot.load_lock:
-            if slot.model is None:
-                if weights.startswith("checkpoint:"):
-                    spec: str | os.PathLike = self.checkpoints[weights.split(":", 1)[1]]
-                else:
-                    spec = weights
-                slot.model = self._loader(name, spec, device=self.device)
-                self.loads += 1
-        with self._lock:
-            # Drop the least recently used models that are loaded; one still in use keeps
-            # working (its job holds a reference) and is simply not cached any more.
-            loaded = [k for k, s in self._slots.items() if s.model is not None]
-            for key in loaded[: max(0, len(loaded) - self.max_models)]:
-                if key != (name, weights):
-                    self._slots.pop(key, None)
-            # Slots that never loaded (failed loads) are dropped too, so an error is not cached.
-            for key in [k for k, s in self._slots.items() if s.model is None and not s.load_lock.locked()]:
-                self._slots.pop(key, None)
-        assert slot.model is not None
-        return slot.model, slot.run_lock
-
-
-# --------------------------------------------------------------------------------------------------
-# Maps in memory
-# --------------------------------------------------------------------------------------------------
-def maps_nbytes(maps: FeatureMaps) -> int:
-    return sum(e.tensor.element_size() * e.tensor.nelement() for e in maps.entries)
-
-
-class MapsCache:
-    """Recently used runs' :class:`FeatureMaps`, bounded in bytes (the newest one always stays)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[str, tuple[FeatureMaps, int]] = OrderedDict()
-        self._pinned: set[str] = set()
-        self._lock = threading.Lock()
-
-    def get(self, run_id: str) -> FeatureMaps | None:
-        with self._lock:
-            item = self._items.get(run_id)
-            if item is None:
-                return None
-            self._items.move_to_end(run_id)
-            return item[0]
-
-    def put(self, run_id: str, maps: FeatureMaps, *, pinned: bool = False) -> None:
-        with self._lock:
-            self._items[run_id] = (maps, maps_nbytes(maps))
-            self._items.move_to_end(run_id)
-            if pinned:
-                self._pinned.add(run_id)
-            self._trim()
-
-    def unpin(self, run_id: str) -> None:
-        with self._lock:
-            self._pinned.discard(run_id)
-            self._trim()
-
-    def _trim(self) -> None:
-        total = sum(n for _, n in self._items.values())
-        newest = next(reversed(self._items), None)
-        for key in list(self._items):
-            if total <= self.max_bytes:
-                break
-            if key in self._pinned or key == newest:
-                continue
-            total -= self._items.pop(key)[1]
-
-    def drop(self, run_id: str) -> None:
-        with self._lock:
-            self._items.pop(run_id, None)
-            self._pinned.discard(run_id)
-
-    def __contains__(self, run_id: str) -> bool:
-        with self._lock:
-            return run_id in self._items
-
-    def nbytes(self) -> int:
-        with self._lock:
-            return sum(n for _, n in self._items.values())
-
-
-class BytesCache:
-    """Rendered PNGs keyed by their ETag, bounded in bytes, least recently used dropped first."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict[str, bytes] = OrderedDict()
-        self._size = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            data = self._items.get(key)
-            if data is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self._items.move_to_end(key)
-            return data
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.max_bytes // 4:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._size -= len(old)
-            self._items[key] = data
-            self._size += len(data)
-            while self._size > self.max_bytes and self._items:
-                _, gone = self._items.popitem(last=False)
-                self._size -= len(gone)
-
-    def drop_prefix(self, prefix: str) -> None:
-        with self._lock:
-            for key in [k for k in self._items if k.startswith(prefix)]:
-                self._size -= len(self._items.pop(key))
-
-
-# --------------------------------------------------------------------------------------------------
 # The viewer service
 # --------------------------------------------------------------------------------------------------
-class Busy(FeatureMapsError):
-    """Too many runs are waiting already."""
-
-
-class UnknownRun(FeatureMapsError, KeyError):
-    """No such run (-> 404)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
-
-
-class NotReady(FeatureMapsError):
-    """The run has no maps (yet): queued, running or failed (-> 409)."""
-
-
 class Viewer:
     """Models, runs and jobs of one app instance."""
 
@@ -338,7 +153,7 @@ class Viewer:
         workers: int = 2,
         max_pending: int = 16,
         max_loaded_bytes: int = 1536 * 2**20,
-        tile_cache_bytes: int = 64 * 2**20,
+        png_cache_bytes: int = 64 * 2**20,
         on_evict: Callable[[str], None] | None = None,
     ):
         self.run_dir = Path(run_dir)
@@ -347,7 +162,7 @@ class Viewer:
         self.max_pending = max(1, int(max_pending))
         self.models = ModelCache(max_cached_models, device=device, checkpoints=checkpoints)
         self.maps_cache = MapsCache(max_loaded_bytes)
-        self.png_cache = BytesCache(tile_cache_bytes)
+        self.png_cache = BytesCache(png_cache_bytes)
         self.forward_passes = 0
         self.on_evict = on_evict
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -413,7 +228,9 @@ class Viewer:
         with self._lock:
             job = self._jobs.get(run_id)
         if job is None:
-            raise UnknownRun(f"run {run_id} does not exist or was removed (the viewer keeps the last {self.max_runs} runs)")
+            raise UnknownRun(
+                f"run {run_id} does not exist or was removed (the viewer keeps the last {self.max_runs} runs)"
+            )
         return job
 
     def jobs(self) -> list[Job]:
@@ -456,7 +273,9 @@ class Viewer:
         job.started = time.time()
         try:
             loaded = self.models.is_loaded(req.model, req.weights)
-            job.set("loading", f"{req.model} is loaded" if loaded else f"loading {req.model}, {weights_label(req.weights)}")
+            job.set(
+                "loading", f"{req.model} is loaded" if loaded else f"loading {req.model}, {weights_label(req.weights)}"
+            )
             t0 = time.perf_counter()
             model, run_lock = self.models.get(req.model, req.weights)
             if req.size is not None:
@@ -519,14 +338,20 @@ class Viewer:
         filters, index.html, manifest, raw maps), plus the viewer's own manifest keys."""
         req = job.request
         assert req is not None
-        pictures = runs.encode_pictures(report.show_pictures(maps, model=model))
-        html = report.show_report(maps, pictures, source=req.source)
+        pictures = runs.encode_pictures(show.show_pictures(maps, model=model))
+        html = show.show_report(maps, pictures, source=req.source)
         extra = {
             "source": req.source,
             "render": {},
             "viewer_run_id": job.id,
             "viewer_source": req.source,
-            "viewer_request": {"model": req.model, "weights": req.weights, "mode": req.mode, "layers": req.layers, "size": req.size},
+            "viewer_request": {
+                "model": req.model,
+                "weights": req.weights,
+                "mode": req.mode,
+                "layers": req.layers,
+                "size": req.size,
+            },
         }
         runs.save_run(maps, self.folder(job.id), pictures=pictures, files={"index.html": html}, extra=extra, raw=True)
 

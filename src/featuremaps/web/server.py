@@ -58,8 +58,9 @@ def url_of(sock: socket.socket, host: str) -> str:
 def _uvicorn_server(app: Any, log_level: str) -> Any:
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3,
-                            timeout_keep_alive=10, server_header=False)
+    config = uvicorn.Config(
+        app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3, timeout_keep_alive=10, server_header=False
+    )
     return uvicorn.Server(config)
 
 
@@ -73,8 +74,14 @@ def _app_for(host: str, create_app_kwargs: dict[str, Any]) -> Any:
     return create_app(**kwargs)
 
 
-def serve(*, host: str = "127.0.0.1", port: int = 0, open_browser: bool = False, log_level: str = "warning",
-          **create_app_kwargs: Any) -> None:
+def serve(
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    open_browser: bool = False,
+    log_level: str = "warning",
+    **create_app_kwargs: Any,
+) -> None:
     """Run the viewer until interrupted (Ctrl-C).
 
     Binds ``host:port`` (``port=0``: a free port), prints ``featuremaps viewer: http://HOST:PORT/``,
@@ -109,8 +116,9 @@ class ServerThread:
         self.sock = bind(host, port)
         self.url = url_of(self.sock, host)
         self.server = _uvicorn_server(app, log_level)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
-                                       name="featuremaps-viewer")
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="featuremaps-viewer"
+        )
 
     def start(self, timeout: float = 20.0) -> str:
         self.thread.start()

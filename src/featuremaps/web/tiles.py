@@ -18,24 +18,30 @@ import numpy as np
 from PIL import Image
 
 from .. import render
+from ..errors import NotFound, ParamError
 from ..maps import FeatureMap, FeatureMaps
 from ..reduce import REDUCTIONS
+from ..stats import clean_number, clean_stats
 
 #: Colormaps the viewer offers (requests naming another one get a 400).
-CMAPS: tuple[str, ...] = ("viridis", "magma", "inferno", "plasma", "cividis", "gray", "turbo", "jet", "RdBu_r", "coolwarm", "seismic")
+CMAPS: tuple[str, ...] = (
+    "viridis",
+    "magma",
+    "inferno",
+    "plasma",
+    "cividis",
+    "gray",
+    "turbo",
+    "jet",
+    "RdBu_r",
+    "coolwarm",
+    "seismic",
+)
 #: Longest side of a layer thumbnail, in pixels (bigger maps are block-averaged down).
 THUMB_SIDE = 128
 #: Tile side of channel grids in the page when the maps are larger than that.
 GRID_TILE = 64
 MAX_PER_PAGE = 512
-
-
-class ParamError(ValueError):
-    """A query parameter is not usable (-> HTTP 400 with this message)."""
-
-
-class NotFound(LookupError):
-    """No such layer, channel or file (-> HTTP 404 with this message)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,9 @@ class Tiles:
     @staticmethod
     def entry(maps: FeatureMaps, index: int, *, spatial: bool = True) -> FeatureMap:
         if not 0 <= index < len(maps.entries):
-            raise NotFound(f"layer {index} does not exist: this run has {len(maps.entries)} layers (0..{len(maps.entries) - 1})")
+            raise NotFound(
+                f"layer {index} does not exist: this run has {len(maps.entries)} layers (0..{len(maps.entries) - 1})"
+            )
         e = maps.entries[index]
         if spatial and not e.is_spatial:
             raise ParamError(f"{e.name} has output shape {tuple(e.shape)}, not (N, C, H, W): it has no maps to draw")
@@ -115,7 +123,9 @@ class Tiles:
         try:
             return ids.index(int(channel))
         except ValueError:
-            raise NotFound(f"channel {channel} does not exist in {e.name} ({len(ids)} channels: 0..{len(ids) - 1})") from None
+            raise NotFound(
+                f"channel {channel} does not exist in {e.name} ({len(ids)} channels: 0..{len(ids) - 1})"
+            ) from None
 
     def _global_full_range(self, run_id: str, maps: FeatureMaps) -> tuple[float, float]:
         """Min..max over every spatial layer's full output (from the stored per-layer numbers)."""
@@ -164,11 +174,13 @@ class Tiles:
             lo, hi = self._global_reduced_range(run_id, maps, view.reduce)
         else:
             lo, hi = render.value_range(m, "map")
-        lo, hi = _finish(lo, hi, view.diverging)
+        lo, hi = render.finish_range(lo, hi, view.diverging)
         rgb = render.colorize(_shrink(m, THUMB_SIDE), cmap=view.cmap, vmin=lo, vmax=hi)
         return Image.fromarray(rgb), (lo, hi)
 
-    def channel_range(self, run_id: str, maps: FeatureMaps, e: FeatureMap, m: np.ndarray, view: View) -> tuple[float, float]:
+    def channel_range(
+        self, run_id: str, maps: FeatureMaps, e: FeatureMap, m: np.ndarray, view: View
+    ) -> tuple[float, float]:
         if isinstance(view.norm, tuple):
             lo, hi = view.norm
         elif view.norm == "layer":
@@ -177,9 +189,11 @@ class Tiles:
             lo, hi = self._global_full_range(run_id, maps)
         else:
             lo, hi = render.value_range(m, "map")
-        return _finish(lo, hi, view.diverging)
+        return render.finish_range(lo, hi, view.diverging)
 
-    def channel(self, run_id: str, maps: FeatureMaps, index: int, channel: int, view: View) -> tuple[Image.Image, tuple[float, float]]:
+    def channel(
+        self, run_id: str, maps: FeatureMaps, index: int, channel: int, view: View
+    ) -> tuple[Image.Image, tuple[float, float]]:
         """One channel at its own resolution (the page enlarges it without smoothing)."""
         e = self.entry(maps, index)
         pos = self.channel_position(e, channel)
@@ -187,8 +201,18 @@ class Tiles:
         lo, hi = self.channel_range(run_id, maps, e, m, view)
         return Image.fromarray(render.colorize(m, cmap=view.cmap, vmin=lo, vmax=hi)), (lo, hi)
 
-    def grid(self, run_id: str, maps: FeatureMaps, index: int, view: View, *, page: int, per_page: int,
-             tile: int | None, top_k: int | None) -> tuple[Image.Image, dict[str, Any]]:
+    def grid(
+        self,
+        run_id: str,
+        maps: FeatureMaps,
+        index: int,
+        view: View,
+        *,
+        page: int,
+        per_page: int,
+        tile: int | None,
+        top_k: int | None,
+    ) -> tuple[Image.Image, dict[str, Any]]:
         """A page of the layer's channels with :func:`render.channel_grid`, and where each tile is."""
         e = self.entry(maps, index)
         ids = list(e.channel_ids())
@@ -198,12 +222,20 @@ class Tiles:
         if tile is None and e.spatial_size is not None and max(e.spatial_size) > GRID_TILE:
             tile = GRID_TILE
         try:
-            im = render.channel_grid(e, top_k=top_k, page=page, per_page=per_page, cmap=view.cmap, norm=view.norm,
-                                     tile_size=tile, global_range=global_range)
+            im = render.channel_grid(
+                e,
+                top_k=top_k,
+                page=page,
+                per_page=per_page,
+                cmap=view.cmap,
+                norm=view.norm,
+                tile_size=tile,
+                global_range=global_range,
+            )
         except render.RenderError as exc:
             raise ParamError(str(exc)) from None
         geom: render.GridGeometry = im.info["grid"]
-        shown = _shown_channels(e, ids, top_k=top_k, page=page, per_page=per_page)
+        shown = list(im.info["channels"])  # what the renderer drew, in tile order: the one selection rule
         total = top_k if top_k is not None else len(ids)
         layout = {
             "layer": index,
@@ -230,7 +262,9 @@ class Tiles:
         }
         return im, layout
 
-    def overlay(self, run_id: str, maps: FeatureMaps, index: int, view: View, *, channel: int | None, alpha: float) -> Image.Image:
+    def overlay(
+        self, run_id: str, maps: FeatureMaps, index: int, view: View, *, channel: int | None, alpha: float
+    ) -> Image.Image:
         e = self.entry(maps, index)
         if maps.image is None:
             raise ParamError("this run has no input picture to draw an overlay on")
@@ -241,13 +275,15 @@ class Tiles:
         elif isinstance(view.norm, tuple) or view.norm == "global":
             m = self._reduced(run_id, maps, index, view.reduce)
             norm = view.norm if isinstance(view.norm, tuple) else self._global_reduced_range(run_id, maps, view.reduce)
-            norm = _finish(*norm, view.diverging)
+            norm = render.finish_range(*norm, view.diverging)
         else:
             norm = "map"
         if isinstance(norm, tuple) and not norm[0] < norm[1]:
             norm = "map"
         try:
-            return render.overlay(e, maps.image, reduce=view.reduce, channel=channel, alpha=alpha, cmap=view.cmap, norm=norm)
+            return render.overlay(
+                e, maps.image, reduce=view.reduce, channel=channel, alpha=alpha, cmap=view.cmap, norm=norm
+            )
         except render.RenderError as exc:
             raise ParamError(str(exc)) from None
 
@@ -256,42 +292,14 @@ class Tiles:
         info = layer_summary(e, index)
         if e.is_spatial and (e.reduction is None or e.reduction.startswith("topk")):
             info["channel_ids"] = list(e.channel_ids())
-            info["channel_stats"] = {k: [_num(v) for v in vals] for k, vals in self._channel_stats(run_id, e, index).items()}
+            info["channel_stats"] = {
+                k: [clean_number(v) for v in vals] for k, vals in self._channel_stats(run_id, e, index).items()
+            }
         return info
 
 
-def _finish(lo: float, hi: float, diverging: bool) -> tuple[float, float]:
-    lo, hi = float(lo), float(hi)
-    if diverging:
-        m = max(abs(lo) if math.isfinite(lo) else 0.0, abs(hi) if math.isfinite(hi) else 0.0) or 1.0
-        return (-m, m)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return (0.0, 0.0)
-    return (lo, hi)
-
-
-def _num(v: float) -> float | None:
-    return float(v) if math.isfinite(v) else None
-
-
-def _shown_channels(e: FeatureMap, ids: list[int], *, top_k: int | None, page: int, per_page: int) -> list[int]:
-    """The channel numbers drawn on a grid page, in tile order (as render.channel_grid picks them)."""
-    if top_k is not None:
-        arr = e.maps(0)
-        scores = arr.reshape(arr.shape[0], -1).mean(axis=1, dtype=np.float64)
-        scores = np.where(np.isnan(scores), -np.inf, scores)
-        order = np.argsort(-scores, kind="stable")[:top_k]
-        pool = [ids[i] for i in order]
-    else:
-        pool = ids
-    if len(pool) <= per_page:
-        return pool
-    return pool[page * per_page : (page + 1) * per_page]
-
-
 def layer_summary(e: FeatureMap, index: int) -> dict[str, Any]:
-    from .jobs import clean_stats
-
+    """What the page lists of one layer."""
     return {
         "index": index,
         "name": e.name,

@@ -9,8 +9,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import render
+from .capture import capture
 from .errors import FeatureMapsError
+from .images import load_image
+from .layers import safe_name
 from .maps import FeatureMaps
+from .models import load_model
+from .options import MODES
+from .report import Section, build_report
 from .runs import (
     Picture,
     atomic_folder,
@@ -40,10 +47,6 @@ def run_comparison(
     Models run in ``network`` mode (conv layers unless ``layers``); with ``reduce`` only the reduced
     maps are kept, which is all a comparison draws.
     """
-    from .capture import MODES, capture
-    from .images import load_image
-    from .models import load_model
-
     if bool(models) == bool(modes):
         raise FeatureMapsError("compare either models (e.g. vgg16,alexnet) or modes (e.g. conv,conv-relu,conv-pool)")
     for mode in modes:
@@ -75,20 +78,31 @@ def _unique(runs: Mapping[str, Any], label: str) -> str:
     return out
 
 
-def comparison_pictures(runs: Mapping[str, FeatureMaps], *, reduce: str = "mean", norm: Any = "global", cmap: str | None = None) -> list[Picture]:
+def comparison_pictures(
+    runs: Mapping[str, FeatureMaps], *, reduce: str = "mean", norm: Any = "global", cmap: str | None = None
+) -> list[Picture]:
     """The side-by-side figure, then one overview per run."""
-    from . import render
-    from .runs import safe_name
-
-    pics = [Picture("compare.png", render.compare_runs(runs, reduce=reduce, norm=norm, cmap=cmap), kind="comparison",
-                    caption=f"rows: {', '.join(runs)}; columns matched by depth; channel {reduce}, norm {norm}")]
+    pics = [
+        Picture(
+            "compare.png",
+            render.compare_runs(runs, reduce=reduce, norm=norm, cmap=cmap),
+            kind="comparison",
+            caption=f"rows: {', '.join(runs)}; columns matched by depth; channel {reduce}, norm {norm}",
+        )
+    ]
     for label, maps in runs.items():
-        pics.append(Picture(f"{safe_name(label)}/overview.png", render.overview(maps, reduce=reduce, cmap=cmap), kind="overview",
-                            caption=f"{label}: every layer (channel {reduce}, each map its own range)"))
+        pics.append(
+            Picture(
+                f"{safe_name(label)}/overview.png",
+                render.overview(maps, reduce=reduce, cmap=cmap),
+                kind="overview",
+                caption=f"{label}: every layer (channel {reduce}, each map its own range)",
+            )
+        )
     return pics
 
 
-def compare_runs_to_folder(
+def save_comparison(
     runs: Mapping[str, FeatureMaps],
     folder: str | os.PathLike,
     *,
@@ -100,17 +114,26 @@ def compare_runs_to_folder(
 ) -> Path:
     """Write a comparison folder: ``compare.png``, ``index.html``, one run folder per label (with
     its own manifest) and a top ``manifest.json`` of kind ``comparison``."""
-    from .report import Section, build_report
-    from .runs import safe_name
-
     pictures = encode_pictures(comparison_pictures(runs, reduce=reduce, norm=norm, cmap=cmap))
     any_random = [label for label, maps in runs.items() if not maps.pretrained]
-    warning = f"RANDOM WEIGHTS in {', '.join(any_random)} — not pretrained: these maps show untrained networks." if any_random else None
-    sections = [Section("Side by side", text="Each row is one run; columns pair layers at the same relative depth.", pictures=pictures[:1])]
+    warning = (
+        f"RANDOM WEIGHTS in {', '.join(any_random)} — not pretrained: these maps show untrained networks."
+        if any_random
+        else None
+    )
+    sections = [
+        Section(
+            "Side by side",
+            text="Each row is one run; columns pair layers at the same relative depth.",
+            pictures=pictures[:1],
+        )
+    ]
     for (label, maps), pic in zip(runs.items(), pictures[1:]):
         sections.append(Section(label, pictures=[pic], tables=[(f"{label}: per-layer statistics", maps.stats())]))
     title = "featuremaps comparison: " + " vs ".join(runs) + (" — RANDOM WEIGHTS" if any_random else "")
-    html_text = build_report(title=title, sections=sections, meta={"input": str(source), "runs": ", ".join(runs)}, warning=warning)
+    html_text = build_report(
+        title=title, sections=sections, meta={"input": str(source), "runs": ", ".join(runs)}, warning=warning
+    )
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         write_pictures(tmp, pictures)
         entries = []
@@ -118,10 +141,26 @@ def compare_runs_to_folder(
             sub = tmp / safe_name(label)
             sub.mkdir(exist_ok=True)
             write_run(maps, sub, raw=True, extra={"label": label, "source": str(source)})
-            entries.append({"label": label, "folder": safe_name(label), "model": maps.model, "weights": maps.weights,
-                            "pretrained": maps.pretrained, "mode": maps.mode})
+            entries.append(
+                {
+                    "label": label,
+                    "folder": safe_name(label),
+                    "model": maps.model,
+                    "weights": maps.weights,
+                    "pretrained": maps.pretrained,
+                    "mode": maps.mode,
+                }
+            )
         (tmp / "index.html").write_text(html_text, encoding="utf-8")
-        write_manifest(tmp, {"source": str(source), "reduce": reduce, "norm": norm if isinstance(norm, str) else list(norm),
-                             "runs": entries, "pictures": [{"path": p.path, "kind": p.kind, "caption": p.caption} for p in pictures]},
-                       kind="comparison")
+        write_manifest(
+            tmp,
+            {
+                "source": str(source),
+                "reduce": reduce,
+                "norm": norm if isinstance(norm, str) else list(norm),
+                "runs": entries,
+                "pictures": [{"path": p.path, "kind": p.kind, "caption": p.caption} for p in pictures],
+            },
+            kind="comparison",
+        )
     return Path(folder)

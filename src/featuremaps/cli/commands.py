@@ -1,0 +1,291 @@
+"""The commands of ``featuremaps``: models, layers, show, compare, demo, serve. Each checks its options,
+calls the library, and prints; nothing here touches hooks or tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import FeatureMapsError
+from .common import (
+    ChannelsOpt,
+    CmapOpt,
+    DeviceOpt,
+    ForceOpt,
+    LayersOpt,
+    ModelOpt,
+    ModeOpt,
+    NormOpt,
+    QuietOpt,
+    ReduceOpt,
+    SeedOpt,
+    SizeOpt,
+    WeightsOpt,
+    _check_out,
+    _image_source,
+    _load,
+    _split,
+    _stats_table,
+    _Steps,
+    _user_errors,
+    _warn_random,
+    app,
+    err,
+    out,
+)  # fmt: skip
+
+
+# -- commands --------------------------------------------------------------------------------------
+@app.command("models")
+def models_cmd(
+    pattern: Annotated[str | None, typer.Argument(help="Only names containing this text.")] = None,
+) -> None:
+    """List torchvision's image classifiers (names for --model), and whether their pretrained weights are cached."""
+    from ..models import is_cached, list_models
+
+    with _user_errors():
+        table = Table(header_style="bold")
+        table.add_column("model")
+        table.add_column("pretrained weights cached")
+        for name in list_models():
+            if pattern and pattern.lower() not in name:
+                continue
+            try:
+                cached = "yes" if is_cached(name) else "no"
+            except FeatureMapsError:
+                cached = "-"
+            table.add_row(name, cached)
+        out.print(table)
+
+
+@app.command("layers")
+def layers_cmd(
+    model: Annotated[str, typer.Argument(help="torchvision name or package.module:attr.")],
+    weights: WeightsOpt = "random",
+    size: SizeOpt = None,
+    layers: Annotated[
+        str, typer.Option("--layers", "-l", help="Which capture points to list (default: every leaf module).")
+    ] = "all",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """A table of MODEL's capture points: index, module path, kind, output shape for the input size, parameters."""
+    from ..capture import list_layers
+    from ..models import load_model
+
+    with _user_errors():
+        m = load_model(model, weights, device=device, size=size, progress=False)
+        rows = list_layers(m, layers=layers)
+        h, w = m.preprocessing.size
+        table = Table(title=f"{m.name}: {len(rows)} capture points for a {h}x{w} input", header_style="bold")
+        for col in ("#", "layer", "kind", "type", "output shape", "parameters"):
+            table.add_column(col, justify="right" if col in ("#", "parameters") else "left")
+        for r in rows:
+            shape = "x".join(map(str, r.output_shape)) if r.output_shape else "(not a tensor)"
+            if r.calls > 1:
+                shape += f" (x{r.calls} calls)"
+            table.add_row(str(r.index), r.name, r.kind, r.type, shape, f"{r.parameters:,}")
+        out.print(table)
+
+
+@app.command("show")
+def show_cmd(
+    image: Annotated[
+        str,
+        typer.Argument(help="Image path, http(s) URL, or a bundled sample: edge, astronaut, chelsea, coffee, rocket."),
+    ],
+    model: ModelOpt = "vgg16",
+    weights: WeightsOpt = "DEFAULT",
+    mode: ModeOpt = "network",
+    layers: LayersOpt = None,
+    reduce: ReduceOpt = "mean",
+    channels: ChannelsOpt = "all",
+    norm: NormOpt = "map",
+    cmap: CmapOpt = None,
+    size: SizeOpt = None,
+    device: DeviceOpt = "cpu",
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (PNGs, manifest.json, index.html, raw maps).")
+    ] = Path("featuremaps-out"),
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Capture IMAGE's feature maps and write pictures, numbers and an HTML report to --out."""
+    from ..capture import capture
+    from ..images import describe_source
+    from ..options import parse_channels, parse_norm
+    from ..show import save_show
+
+    with _user_errors():
+        parse_channels(channels), parse_norm(norm)  # fail before any work
+        _check_out(out_dir, force)
+        source = _image_source(image)
+        with _Steps(quiet) as steps:
+            m = _load(model, weights, device, size, seed, steps)
+            task = steps.step(f"capturing ({mode} mode)")
+            maps = capture(m, source, mode=mode, layers=layers)
+            steps.done(task)
+            save_show(
+                maps,
+                out_dir,
+                model=m,
+                source=describe_source(source),
+                overwrite=force,
+                progress=steps.callback("rendering layers"),
+                reduce=reduce,
+                norm=norm,
+                cmap=cmap,
+                channels=channels,
+            )
+        if not quiet:
+            out.print(_stats_table(maps, f"{maps.model} · {maps.weights} · {maps.mode} mode · {len(maps)} maps"))
+            _warn_random(maps)
+            out.print(f"wrote {out_dir}/ (open {out_dir / 'index.html'})", markup=False, highlight=False)
+
+
+@app.command("compare")
+def compare_cmd(
+    image: Annotated[str, typer.Argument(help="Image path, URL, or a bundled sample name.")],
+    models: Annotated[
+        str | None, typer.Option("--models", help="Two or more models to compare layer by layer, e.g. vgg16,alexnet.")
+    ] = None,
+    modes: Annotated[
+        str | None, typer.Option("--modes", help="Several modes of one --model, e.g. conv,conv-relu,conv-pool.")
+    ] = None,
+    model: ModelOpt = "vgg16",
+    weights: WeightsOpt = "DEFAULT",
+    layers: LayersOpt = None,
+    reduce: ReduceOpt = "mean",
+    norm: Annotated[
+        str,
+        typer.Option(
+            "--norm", help="global (default: one range for all, shows ReLU's darkening), layer, map or fixed:VMIN,VMAX."
+        ),
+    ] = "global",
+    cmap: CmapOpt = None,
+    size: SizeOpt = None,
+    device: DeviceOpt = "cpu",
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("featuremaps-compare"),
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare two models (--models vgg16,alexnet) or several modes (--modes conv,conv-relu,conv-pool) on one image."""
+    from ..comparison import run_comparison, save_comparison
+
+    with _user_errors():
+        if bool(models) == bool(modes):
+            raise FeatureMapsError("give either --models A,B or --modes M1,M2 (not both, not neither)")
+        _check_out(out_dir, force)
+        source = _image_source(image)
+        with _Steps(quiet) as steps:
+            runs = run_comparison(
+                source,
+                models=_split(models),
+                modes=_split(modes),
+                model=model,
+                weights=weights,
+                layers=layers,
+                size=size,
+                device=device,
+                seed=seed,
+                reduce=reduce,
+                on_step=lambda text: steps.done(steps.step(text)),
+            )
+            save_comparison(runs, out_dir, source=source, reduce=reduce, norm=norm, cmap=cmap, overwrite=force)
+        if not quiet:
+            for label, maps in runs.items():
+                out.print(_stats_table(maps, f"{label} · {maps.weights}"))
+                _warn_random(maps)
+            out.print(f"wrote {out_dir}/ (open {out_dir / 'index.html'})", markup=False, highlight=False)
+
+
+@app.command("demo")
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder of the demo report.")] = Path(
+        "featuremaps-demo"
+    ),
+    weights: Annotated[
+        str,
+        typer.Option(
+            "--weights",
+            "-w",
+            help="auto (pretrained when cached or downloadable, else random with a loud warning), DEFAULT, or random.",
+        ),
+    ] = "auto",
+    size: SizeOpt = 224,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """The seed's whole story in one report: VGG16's three chains on the drawn edge image, network mode, VGG16 vs AlexNet, the numbers."""
+    from ..demo import run_demo
+
+    with _user_errors():
+        _check_out(out_dir, force)
+        with _Steps(quiet) as steps:
+            result = run_demo(
+                out_dir,
+                weights=weights,
+                size=size,
+                device=device,
+                overwrite=force,
+                on_step=lambda text: steps.done(steps.step(text)),
+                warn=lambda text: err.print(text, markup=False, style="bold red"),
+            )
+        if not quiet:
+            for label, maps in result.chains.items():
+                out.print(_stats_table(maps, f"VGG16 {label} chain on the edge image"))
+            out.print(f"wrote {out_dir}/ (open {out_dir / 'index.html'})", markup=False, highlight=False)
+        if not result.pretrained:
+            err.print(
+                "WARNING: pretrained weights were not available; the demo ran with RANDOM weights (see the report's title).",
+                markup=False,
+                style="bold red",
+            )
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; 127.0.0.1 keeps the viewer on this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port; 0 picks a free one.", min=0, max=65535)] = 0,
+    models: Annotated[
+        str, typer.Option("--models", help="Comma-separated allow-list of models the page may load.")
+    ] = "vgg16,alexnet,resnet18",
+    weights: Annotated[
+        str, typer.Option("--weights", help="Comma-separated allow-list of weights choices (DEFAULT, random).")
+    ] = "DEFAULT,random",
+    checkpoint: Annotated[
+        list[str] | None, typer.Option("--checkpoint", help="NAME=PATH of a checkpoint the page may use (repeatable).")
+    ] = None,
+    device: DeviceOpt = "cpu",
+    max_runs: Annotated[
+        int, typer.Option("--max-runs", help="Runs kept on disk before the oldest is evicted.", min=1)
+    ] = 20,
+) -> None:
+    """Start the interactive viewer in the browser (prints its local address)."""
+    with _user_errors():
+        from ..web import serve
+
+        ckpts = {}
+        for item in checkpoint or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise FeatureMapsError(f"--checkpoint takes NAME=PATH, got {item!r}")
+            if not Path(path).is_file():
+                raise FeatureMapsError(f"checkpoint {path!r} not found")
+            ckpts[name] = Path(path)
+        serve(
+            host=host,
+            port=port,
+            models=_split(models),
+            weights=_split(weights),
+            checkpoints=ckpts,
+            device=device,
+            max_runs=max_runs,
+        )

@@ -1,0 +1,159 @@
+"""Layers: what kind each module is, and which modules a ``layers=`` selection names.
+
+Layer names are ``named_modules()`` paths; a module called several times gives one capture per
+call, named ``path#k`` for the k-th call (k >= 2). File names of a layer's pictures and raw maps
+come from :func:`file_stem`, the one naming rule.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .errors import LayerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import Model
+
+#: What a captured module is. ``act`` covers every activation (ReLU, ReLU6, GELU, SiLU, Hardswish...).
+KINDS: tuple[str, ...] = ("conv", "act", "pool", "norm", "linear", "other")
+
+# -- kinds -----------------------------------------------------------------------------------------
+_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.Threshold, nn.GLU, nn.LogSigmoid,
+)  # fmt: skip
+_POOLS = (
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.pooling._LPPoolNd,
+)  # fmt: skip
+_NORMS = (
+    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d,
+)  # fmt: skip
+_LINEAR = (nn.Linear, nn.Bilinear, nn.LazyLinear)
+
+#: Selector words for ``layers=``; ``relu`` and ``activation`` mean every activation.
+KIND_ALIASES: dict[str, str] = {
+    "conv": "conv", "relu": "act", "act": "act", "activation": "act", "pool": "pool",
+    "norm": "norm", "bn": "norm", "linear": "linear", "fc": "linear", "other": "other",
+}  # fmt: skip
+
+
+_KIND_BY_TYPE: dict[type, str] = {}
+
+
+def kind_of(module: nn.Module) -> str:
+    """``conv``, ``act``, ``pool``, ``norm``, ``linear`` or ``other``."""
+    cls = type(module)
+    kind = _KIND_BY_TYPE.get(cls)
+    if kind is None:
+        kind = _KIND_BY_TYPE[cls] = _kind_of_type(cls)
+    return kind
+
+
+def _kind_of_type(cls: type) -> str:
+    if issubclass(cls, nn.modules.conv._ConvNd):
+        return "conv"
+    if issubclass(cls, _ACTIVATIONS):
+        return "act"
+    if issubclass(cls, _POOLS):
+        return "pool"
+    if issubclass(cls, _NORMS):
+        return "norm"
+    if issubclass(cls, _LINEAR):
+        return "linear"
+    return "other"
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return next(module.children(), None) is None
+
+
+# -- selecting capture points ----------------------------------------------------------------------
+def _tokens(layers: str | Sequence[str] | None) -> list[str]:
+    if layers is None:
+        return ["conv"]
+    if isinstance(layers, str):
+        return [t.strip() for t in layers.split(",") if t.strip()] or ["conv"]
+    return [str(t).strip() for t in layers if str(t).strip()]
+
+
+def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequence[str] | None) -> list[str]:
+    """Names among ``candidates`` that ``layers`` asks for, in the candidates' order.
+
+    ``layers`` is a kind (``conv``, ``relu``/``act``, ``pool``, ``norm``, ``linear``, ``other``),
+    ``all`` (every leaf module), an exact ``named_modules()`` path, or a glob pattern over the paths
+    (``features.*``); several may be given as a list or comma-separated. Kind words win over a
+    module of the same name; ``name:pool`` selects the module called ``pool``.
+    """
+    leaves = [(n, m) for n, m in candidates if _is_leaf(m)]
+    all_names = [n for n, _ in candidates]
+    wanted: set[str] = set()
+    for token in _tokens(layers):
+        low = token.lower()
+        if token.startswith("name:"):  # a module literally called like a kind ("pool")
+            token = low = token[len("name:") :]
+            if token not in all_names:
+                raise LayerError(f"no layer named {token!r}; use `featuremaps layers MODEL` to see the names")
+            wanted.add(token)
+        elif low in ("all", "leaf", "leaves"):
+            wanted.update(n for n, _ in leaves)
+        elif low in KIND_ALIASES:
+            kind = KIND_ALIASES[low]
+            hits = [n for n, m in leaves if kind_of(m) == kind]
+            if not hits:
+                raise LayerError(
+                    f"this model has no {token} layers; use `featuremaps layers MODEL` to see its layers and kinds"
+                )
+            wanted.update(hits)
+        elif token in all_names:
+            wanted.add(token)
+        elif any(c in token for c in "*?["):
+            hits = [n for n in all_names if fnmatch.fnmatchcase(n, token)]
+            if not hits:
+                raise LayerError(f"pattern {token!r} matches no layer; use `featuremaps layers MODEL` to see the names")
+            wanted.update(hits)
+        else:
+            close = difflib.get_close_matches(token, all_names, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise LayerError(
+                f"no layer named {token!r}; {hint}use a kind (conv, relu, pool, norm, linear, all), a glob "
+                "such as 'features.*', or a name from `featuremaps layers MODEL`"
+            )
+    return [n for n, _ in candidates if n in wanted]
+
+
+def select_layers(
+    model: Model | nn.Module,
+    layers: str | Sequence[str] | None = "conv",
+    *,
+    modules: dict[str, nn.Module] | None = None,
+) -> list[str]:
+    """The ``named_modules()`` paths that ``layers`` selects (see :func:`match_layers`);
+    ``modules``: ``dict(named_modules())`` when the caller already has it."""
+    module = model if isinstance(model, nn.Module) else model.module
+    named = modules.items() if modules is not None else module.named_modules()
+    return match_layers([(n, m) for n, m in named if n], layers)
+
+
+# -- names ---------------------------------------------------------------------------------------
+def entry_name(path: str, call: int) -> str:
+    """A capture's key: the module path, with ``#k`` for its k-th call (k >= 2)."""
+    return path if call == 1 else f"{path}#{call}"
+
+
+def safe_name(text: str) -> str:
+    """A layer name as a file-name part: ``features.28`` stays, ``layer1.0.relu#2`` -> ``layer1.0.relu_call2``."""
+    text = text.replace("#", "_call")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "layer"
+
+
+def file_stem(index: int, name: str) -> str:
+    """The file stem of one captured map's files (``NNN_<name>``: its grid PNG, its raw ``.npy``)."""
+    return f"{int(index):03d}_{safe_name(name)}"
