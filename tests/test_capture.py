@@ -668,3 +668,65 @@ def test_sequential_fast_path_falls_back_when_the_sequential_is_not_called():
         assert maps.names == ["features.0", "features.2"]
         torch.testing.assert_close(maps["features.0"].tensor, conv, rtol=0, atol=0)
     assert no_hooks_left(model)
+
+
+class _Shared(torch.nn.Module):
+    """One ReLU module called twice, on outputs of different widths (a ResNet-style shared ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 2, 3, padding=1)
+        self.b = torch.nn.Conv2d(2, 5, 3, padding=1)
+        self.shared = torch.nn.ReLU()
+        self.unused = torch.nn.Linear(4, 4)  # never called by forward()
+
+    def forward(self, x):
+        return self.shared(self.b(self.shared(self.a(x))))
+
+
+def test_list_layers_lists_each_call_and_what_is_never_called():
+    torch.manual_seed(0)
+    rows = {r.name: r for r in fm.list_layers(_Shared(), size=8)}
+    assert rows["shared"].output_shape == (1, 2, 8, 8) and rows["shared"].call == 1 and rows["shared"].calls == 2
+    assert rows["shared#2"].output_shape == (1, 5, 8, 8) and rows["shared#2"].call == 2
+    assert rows["unused"].calls == 0 and rows["unused"].output_shape is None and not rows["unused"].called
+    assert [r.index for r in rows.values()] == list(range(len(rows)))
+    only = fm.list_layers(_Shared(), size=8, layers="shared#2")
+    assert [r.name for r in only] == ["shared#2"]
+
+
+def test_a_call_key_selects_that_call_alone():
+    torch.manual_seed(0)
+    model = _Shared()
+    x = torch.randn(1, 3, 8, 8)
+    both = fm.capture(model, x, layers="shared")
+    assert both.names == ["shared", "shared#2"]
+    second = fm.capture(model, x, layers="shared#2")
+    assert second.names == ["shared#2"] and second["shared#2"].index == 0 and second["shared#2"].call == 2
+    assert torch.equal(second["shared#2"].tensor, both["shared#2"].tensor)
+    assert fm.select_layers(model, "a,shared#2") == ["a", "shared#2"]
+    assert fm.capture(model, x, layers="shared,shared#2").names == ["shared", "shared#2"]  # all calls win
+    with pytest.raises(LayerError, match=r"shared#3 does not exist: shared is called 2 times per pass"):
+        fm.capture(model, x, layers="shared#3")
+
+
+def test_maps_of_a_batch_need_a_sample_and_stats_are_per_image():
+    torch.manual_seed(0)
+    model = _Shared()
+    x = torch.randn(3, 3, 8, 8)
+    x[1] *= 10  # image 1 is ten times brighter
+    for reduce in (None, "mean"):
+        maps = fm.capture(model, x, layers="a", reduce=reduce)
+        e = maps["a"]
+        with pytest.raises(LayerError, match=r"a holds a batch of 3 images; pass sample=0\.\.2"):
+            e.maps() if reduce is None else e.reduced("mean")
+        table = maps.stats()
+        assert [(r.name, r.sample) for r in table] == [("a", 0), ("a", 1), ("a", 2)]
+        for i, row in enumerate(table):
+            alone = fm.capture(model, x[i : i + 1], layers="a")["a"].stats
+            assert row.shape == (1, 2, 8, 8)
+            assert (row.min, row.max, row.mean) == pytest.approx((alone.min, alone.max, alone.mean), rel=1e-5)
+        assert table[1].max > 5 * table[0].max
+        assert "image" in str(table).splitlines()[0]
+    one = fm.capture(model, x[:1], layers="a")
+    assert one["a"].maps().shape == (2, 8, 8) and [r.sample for r in one.stats()] == [None]

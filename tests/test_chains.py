@@ -128,3 +128,17 @@ def test_reduced_chain_gives_memory_back_after_every_step(monkeypatch):
     assert len(calls) == 16 and len(full) == 16  # full maps are all kept: nothing to give back
     for a, b in zip(reduced.entries, full.entries):  # and the reduction is of the same maps
         torch.testing.assert_close(a.tensor, b.tensor.mean(dim=1), rtol=0, atol=1e-6)
+
+
+def test_a_chain_stops_after_the_last_wanted_step():
+    model = fm.load_model("vgg11", weights="random", size=32)
+    ran = []
+    handles = [
+        m.register_forward_hook(lambda *a, n=n: ran.append(n)) for n, m in model.module.features.named_children()
+    ]
+    try:
+        maps = fm.capture(model, torch.zeros(1, 3, 32, 32), mode="conv", layers="features.0")
+    finally:
+        for h in handles:
+            h.remove()
+    assert maps.names == ["features.0"] and ran == ["0"]

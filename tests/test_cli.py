@@ -105,6 +105,10 @@ def test_show_writes_a_complete_folder(tmp_path):
         and "data:image/png;base64," in html
         and "http" not in html.split("<body>")[1].split("featuremaps-stats")[0]
     )
+    assert not (out / "maps").exists()  # raw maps are opt-in (--save-maps shown|all)
+    r = run("show", "chelsea", "--model", "alexnet", "--weights", "random", "--size", "64", "--out", str(out),
+            "--force", "--save-maps", "shown", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
     assert featuremaps.runs.load_run(out).names == [layer["name"] for layer in manifest["layers"]]
 
 
@@ -162,6 +166,7 @@ def test_force_never_replaces_a_folder_featuremaps_did_not_write(tmp_path, comma
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("thesis")
+
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the output folder was checked")
 
@@ -376,3 +381,172 @@ def test_serve_is_a_thin_shell(monkeypatch):
         and seen["weights"] == ["random"]
     )
     one_line_error(run("serve", "--checkpoint", "broken"), "--checkpoint takes NAME=PATH")
+
+
+@pytest.mark.parametrize(
+    "make,args,pattern",
+    [
+        (None, ["missing.jpg"], r"image file missing.jpg not found"),
+        ("dir", ["adir"], r"adir is a directory, not an image file"),
+        ("text", ["notes.jpg"], r"notes.jpg is not an image that can be read"),
+        (None, ["edge", "--mode", "conv-max"], r"unknown mode 'conv-max'"),
+        (None, ["edge", "--reduce", "median"], r"unknown --reduce 'median'; use one of mean, max, l2, std"),
+        (
+            None,
+            ["edge", "--channels", "999"],
+            r"channel 999 is not in any selected layer \(they have 64 to 512 channels\)",
+        ),
+        (None, ["edge", "--cmap", "nonsense"], r"unknown colormap 'nonsense'"),
+        (None, ["edge", "--save-maps", "most"], r"unknown --save-maps 'most'"),
+    ],
+)
+def test_mistakes_are_caught_before_the_model_loads(tmp_path, monkeypatch, make, args, pattern):
+    if make == "dir":
+        (tmp_path / "adir").mkdir()
+    elif make == "text":
+        (tmp_path / "notes.jpg").write_text("my notes, not a picture")
+    monkeypatch.chdir(tmp_path)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before a mistake that needs no model was found")
+
+    monkeypatch.setattr("featuremaps.models.load_model", no_model)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    one_line_error(run("show", *args, "--model", "vgg16", "--weights", "random", "--out", "out"), pattern)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_help_version_and_option_mistakes_do_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom featuremaps.cli import app\n"
+        "for args in (['--help'], ['--version'], ['show', '--help'], ['show', 'edge', '--mode', 'conv-max'],"
+        " ['show', 'edge', '--reduce', 'median'], ['show', 'edge', '--channels', 'x'], ['show', 'missing.png']):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code in (0, 1), (args, r.output)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("serve", "--port", str(port))
+    one_line_error(r, rf"cannot listen on 127.0.0.1:{port} \(Address already in use\); choose another --port")
+
+
+def test_a_grayscale_user_model_works_from_the_command_line(tmp_path, monkeypatch):
+    (tmp_path / "others.py").write_text(
+        "from torch import nn\n"
+        "class Gray(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(1, 3, 3, padding=1)\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    r = run("layers", "others.py:Gray", "--size", "32")
+    assert r.exit_code == 0, r.output
+    assert "1x3x32x32" in r.stdout
+    r = run("show", "chelsea", "--model", "others.py:Gray", "--weights", "random", "--size", "32", "--out", "run", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["layers"][0]["shape"] == [1, 3, 32, 32]
+
+
+def test_a_long_strip_is_resized_like_any_picture(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (4000, 40), (90, 160, 30)).save(tmp_path / "strip.png")
+    r = run(
+        "show",
+        str(tmp_path / "strip.png"),
+        "--model",
+        "vgg11",
+        "--weights",
+        "random",
+        "--out",
+        str(tmp_path / "run"),
+        "-q",
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["input_size"] == [224, 224]
+
+
+def test_a_whole_pickled_model_is_explained_in_one_line(tmp_path):
+    import torch
+    from torchvision.models import alexnet
+
+    torch.save(alexnet(), tmp_path / "whole.pth")
+    r = run(
+        "show", "edge", "--model", "alexnet", "--weights", str(tmp_path / "whole.pth"), "--out", str(tmp_path / "r")
+    )
+    one_line_error(
+        r,
+        r"whole.pth is a whole pickled model \(a AlexNet object\), not a state_dict.*torch.save\(model.state_dict\(\)",
+    )
+    assert "\x1b" not in r.stderr
+
+
+def test_layers_lists_every_call_and_what_is_never_called():
+    r = run("layers", "resnet18", "--layers", "layer1.0.relu,layer1.0.relu#2")
+    assert r.exit_code == 0, r.output
+    assert "layer1.0.relu#2" in r.stdout and "2 of 2" in r.stdout
+    r = run("layers", "vit_b_16", "--layers", "encoder.layers.encoder_layer_0.self_attention.out_proj")
+    assert r.exit_code == 0, r.output
+    assert "not called" in r.stdout and "not a tensor" not in r.stdout
+
+
+def test_show_says_what_it_is_about_to_write_when_it_is_large(tmp_path, monkeypatch):
+    monkeypatch.setattr("featuremaps.show.LARGE_WRITE", 0)
+    out = tmp_path / "run"
+    r = run(
+        "show",
+        "edge",
+        "--model",
+        "alexnet",
+        "--weights",
+        "random",
+        "--size",
+        "64",
+        "--save-maps",
+        "all",
+        "--out",
+        str(out),
+    )
+    assert r.exit_code == 0, r.output
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("writing "))
+    assert f"to {out}/: pictures" in line and "raw maps" in line and "(--save-maps none skips them)" in line
+    assert (out / "maps").is_dir()
+
+
+def test_a_modes_comparison_names_one_untrained_network(tmp_path):
+    out = tmp_path / "cmp"
+    r = run(
+        "compare",
+        "edge",
+        "--modes",
+        "conv,conv-relu",
+        "--model",
+        "vgg11",
+        "--weights",
+        "random",
+        "--size",
+        "32",
+        "--out",
+        str(out),
+        "-q",
+    )
+    assert r.exit_code == 0, r.output
+    html = (out / "index.html").read_text()
+    assert "RANDOM WEIGHTS: vgg11 (random(seed=0)) is not pretrained, so these maps show an untrained network." in html
+    assert "untrained networks" not in html

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torchvision.models import get_model
 
 import featuremaps as fm
-from featuremaps.errors import ImageError, ModelError, WeightsUnavailableError
+from featuremaps.errors import ModelError, WeightsUnavailableError
 from featuremaps.models import weights_file
 
 
@@ -57,14 +57,18 @@ def test_preprocessing_comes_from_the_weights_and_resizes_without_crop():
     assert m.with_size((64, 128)).preprocessing.size == (64, 128)
 
 
-def test_too_small_sizes_and_images_are_refused():
+def test_the_minimum_size_is_the_models_input_not_the_picture():
     m = fm.load_model("vgg16", weights="random")
     with pytest.raises(ModelError, match=r"input size 16x16 is smaller than this model's minimum 32x32"):
         m.with_size(16)
     from PIL import Image
 
-    with pytest.raises(ImageError, match=r"image is 20x20 pixels; this model needs at least 32x32"):
-        fm.capture(m, Image.new("RGB", (20, 20)))
+    # the picture is resized to the model's input (224x224) whatever its own size: a 4000x40 strip
+    # or a 20x20 icon are fine, as the model sees 224x224
+    strip = Image.new("RGB", (4000, 40), (200, 30, 30))
+    maps = fm.capture(m, strip, layers="features.0")
+    assert maps.input_size == (224, 224) and maps.image.size == (224, 224)
+    assert fm.capture(m, Image.new("RGB", (20, 20)), layers="features.0").input_size == (224, 224)
 
 
 def test_checkpoint_round_trip_pth_and_safetensors(tmp_path):
@@ -198,3 +202,130 @@ def test_a_user_module_object_is_wrapped_unchanged(tiny):
     tiny.train()
     m = fm.load_model(tiny)
     assert m.module is tiny and tiny.training is True and m.weights == "as given"
+
+
+def _count_inits(monkeypatch) -> list[str]:
+    """Every random initialisation torch.nn.init runs on real memory from now on (the costly part of
+    building a big model: VGG16's takes seconds here; on the meta device it costs nothing)."""
+    import torch.nn.init as init
+
+    calls: list[str] = []
+    for name in ("kaiming_normal_", "kaiming_uniform_", "normal_", "uniform_", "xavier_uniform_", "trunc_normal_"):
+        real = getattr(init, name)
+
+        def counted(tensor, *args, _real=real, _name=name, **kwargs):
+            if not tensor.is_meta:
+                calls.append(_name)
+            return _real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(init, name, counted)
+    return calls
+
+
+def test_a_checkpoint_is_loaded_without_a_random_init_first(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    src = get_model("vgg11", weights=None).eval()
+    path = tmp_path / "vgg11.pth"
+    torch.save(src.state_dict(), path)
+    calls = _count_inits(monkeypatch)
+    m = fm.load_model("vgg11", weights=str(path))
+    assert calls == [], f"the weights were initialised before being replaced: {sorted(set(calls))}"
+    assert not any(t.is_meta for t in (*m.module.parameters(), *m.module.buffers()))
+    assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in m.module.parameters())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m.module(x), src(x))
+    # a half-precision checkpoint is cast to the model's own dtype, as load_state_dict would
+    torch.save({k: v.half() for k, v in src.state_dict().items()}, path)
+    assert next(fm.load_model("vgg11", weights=str(path)).module.parameters()).dtype == torch.float32
+
+
+def test_pretrained_weights_skip_the_random_init_too(offline, monkeypatch):
+    enum = __import__("torchvision").models.get_model_weights("squeezenet1_1").DEFAULT
+    target = weights_file(enum)
+    target.parent.mkdir(parents=True)
+    torch.manual_seed(12)
+    reference = get_model("squeezenet1_1", weights=None)
+    torch.save(reference.state_dict(), target)
+    calls = _count_inits(monkeypatch)
+    m = fm.load_model("squeezenet1_1", weights="DEFAULT", progress=False)
+    assert calls == [] and m.pretrained
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m.module(x), reference.eval()(x))
+
+
+def test_a_buffer_missing_from_the_checkpoint_falls_back_to_a_full_build(tmp_path, monkeypatch):
+    import featuremaps.models as models
+
+    torch.manual_seed(4)
+    src = get_model("alexnet", weights=None)
+    path = tmp_path / "alex.pth"
+    torch.save(src.state_dict(), path)
+    real = models._without_init
+
+    def with_extra_buffer(name, **kwargs):
+        module = real(name, **kwargs)
+        with torch.device("meta"):
+            module.register_buffer("scratch", torch.zeros(3), persistent=False)  # not in any checkpoint
+        return module
+
+    monkeypatch.setattr(models, "_without_init", with_extra_buffer)
+    m = fm.load_model("alexnet", weights=str(path))  # built the usual way instead: no meta tensor left
+    assert not any(t.is_meta for t in (*m.module.parameters(), *m.module.buffers()))
+    assert torch.equal(m.module.features[0].weight, src.features[0].weight)
+
+
+def test_a_whole_pickled_model_gets_our_own_one_line_message(tmp_path):
+    path = tmp_path / "whole.pth"
+    torch.save(get_model("alexnet", weights=None), path)  # the whole object, not its state_dict
+    with pytest.raises(ModelError) as info:
+        fm.load_model("alexnet", weights=str(path))
+    text = str(info.value)
+    assert text.startswith("whole.pth is a whole pickled model (a AlexNet object), not a state_dict")
+    assert "torch.save(model.state_dict(), 'weights.pth')" in text
+    assert "\x1b" not in text and "\n" not in text and "Weights only load failed" not in text
+
+
+def test_a_grayscale_model_gets_grayscale_pictures(tmp_path, monkeypatch):
+    (tmp_path / "others.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Gray(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())\n"
+        "    def forward(self, x):\n"
+        "        return self.features(x).mean((2, 3))\n"
+        "class Four(Gray):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.features[0] = nn.Conv2d(4, 4, 3, padding=1)\n"
+    )
+    gray = fm.load_model(f"{tmp_path / 'others.py'}:Gray", weights="random", size=32)
+    assert gray.preprocessing.channels == 1 and len(gray.preprocessing.mean) == 1
+    from PIL import Image
+
+    picture = Image.new("RGB", (40, 40), (255, 0, 0))
+    maps = fm.capture(gray, picture, layers="conv")
+    assert maps["features.0"].shape == (1, 4, 32, 32)
+    x, _ = gray.preprocessing(picture)  # red in grayscale: L = 0.299 * 255 = 76
+    assert x.shape == (1, 1, 32, 32) and x[0, 0, 0, 0].item() == pytest.approx((76 / 255 - 0.449) / 0.226, abs=1e-4)
+    assert [r.output_shape for r in fm.list_layers(gray, layers="conv")] == [(1, 4, 32, 32)]
+    four = fm.load_model(f"{tmp_path / 'others.py'}:Four", weights="random", size=32)
+    with pytest.raises(
+        ModelError, match=r"takes 4 input channels, but a picture gives 3 \(RGB\) or 1 .*\(N, 4, H, W\) tensor"
+    ):
+        fm.capture(four, picture)
+    assert fm.capture(four, torch.zeros(1, 4, 32, 32), layers="conv")["features.0"].shape == (1, 4, 32, 32)
+
+
+def test_a_skeleton_is_the_architecture_alone():
+    from featuremaps.models import skeleton
+
+    plan = skeleton("resnet50", size=96)
+    assert all(p.is_meta for p in plan.module.parameters())
+    rows = fm.list_layers(plan, layers="layer4")
+    assert rows[0].output_shape == (1, 2048, 3, 3)
+    assert skeleton("my.module:Net") is None
+    with pytest.raises(ModelError, match="unknown model 'resnet5O'"):
+        skeleton("resnet5O")

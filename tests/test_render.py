@@ -220,12 +220,26 @@ def test_global_norm_across_layers_in_overview():
     maps = FeatureMaps((a, b))
     im = R.overview(maps, norm="global", tile_size=32)
     (na, box_a), (nb, box_b) = im.info["tiles"]
-    assert (na, nb) == ("a", "b") and im.info["scale"] == (1.0, 3.0)
-    assert px(im, box_a[0] + 20, box_a[1] + 20) == LOW
+    # one range over both layers; non-negative data starts at 0 (zero at the dark end)
+    assert (na, nb) == ("a", "b") and im.info["scale"] == (0.0, 3.0)
+    assert px(im, box_a[0] + 20, box_a[1] + 20) == colour(1.0, 0, 3)
     assert px(im, box_b[0] + 20, box_b[1] + 20) == HIGH
-    per_map = R.overview(maps, norm="map", tile_size=32)
-    assert px(per_map, box_a[0] + 20, box_a[1] + 20) == LOW  # constant -> low end
-    assert px(per_map, box_b[0] + 20, box_b[1] + 20) == HIGH
+    signed = FeatureMaps((fmap(torch.full((1, 2, 4, 4), -1.0), "s", index=0), b))
+    assert R.overview(signed, norm="global", tile_size=32).info["scale"] == (-1.0, 3.0)
+    assert max(im.size) <= R.MAX_SIDE
+
+
+def test_zero_sits_at_the_dark_end_of_non_negative_ranges():
+    # a ReLU's output (min 0) and a positive map whose values still cover half the scale start at 0;
+    # signed data and positive data far from zero keep their own range
+    assert R.value_range(np.array([0.0, 2.0]), "map") == (0.0, 2.0)
+    assert R.value_range(np.array([0.03, 0.14]), "map") == (0.0, pytest.approx(0.14))
+    assert R.value_range(np.array([-0.5, 2.0]), "map") == (-0.5, 2.0)
+    assert R.value_range(np.array([100.0, 101.0]), "map") == (100.0, 101.0)
+    relu_like = torch.tensor([[0.2, 0.3], [0.25, 0.4]]).view(1, 1, 2, 2)
+    grid = R.channel_grid(fmap(relu_like), labels=False, tile_size=32)
+    box = grid.info["grid"].tile_box(0)
+    assert px(grid, box[0] + 1, box[1] + 1) == colour(0.2, 0, 0.4)  # not the darkest colour: 0 is
 
 
 def test_diverging_centres_zero():
@@ -345,16 +359,52 @@ def test_depth_match_rule():
     assert R.depth_match(1, 4) == [3]
 
 
-def test_compare_runs_matches_depth_and_shares_scale():
+def test_compare_runs_matches_depth_and_scales():
     deep, shallow = _run(13, "vgg", value=1.0), _run(5, "alex", value=3.0)
-    im = R.compare_runs({"vgg16": deep, "alexnet": shallow}, tile_size=32)
+    im = R.compare_runs({"vgg16": deep, "alexnet": shallow}, tile_size=32, norm="global")
     assert im.info["columns"]["vgg16"] == [f"vgg.{i}" for i in (0, 3, 6, 9, 12)]
     assert im.info["columns"]["alexnet"] == [f"alex.{i}" for i in range(5)]
-    assert im.info["scale"] == (1.0, 3.0)  # default norm: global
-    assert px(im, *centre(im.info["tiles"]["vgg16"][2])) == LOW
+    assert im.info["scale"] == (0.0, 3.0)
+    assert px(im, *centre(im.info["tiles"]["vgg16"][2])) == colour(1.0, 0, 3)
     assert px(im, *centre(im.info["tiles"]["alexnet"][2])) == HIGH
     narrow = R.compare_runs({"a": deep, "b": shallow}, max_columns=2, norm="map")
     assert narrow.info["columns"]["a"] == ["vgg.0", "vgg.12"] and narrow.info["scale"] is None
+
+
+def test_compare_runs_default_gives_every_tile_its_own_range():
+    # layers whose magnitudes differ by 1000x: one global range would flatten the small ones
+    def run(scale: float, prefix: str) -> FeatureMaps:
+        entries = []
+        for i in range(3):
+            t = torch.linspace(-1, 1, 64).view(1, 1, 8, 8).repeat(1, 2, 1, 1) * scale * 10**i
+            entries.append(fmap(t, f"{prefix}.{i}", index=i))
+        return FeatureMaps(tuple(entries), model=prefix, mode="network")
+
+    im = R.compare_runs({"a": run(1.0, "a"), "b": run(0.001, "b")}, tile_size=32)
+    assert im.info["scale"] is None
+    ranges = im.info["ranges"]
+    assert ranges["a"][2] == (pytest.approx(-100.0), pytest.approx(100.0))
+    assert ranges["b"][0] == (pytest.approx(-0.001), pytest.approx(0.001))
+    for k in ("a", "b"):
+        for box in im.info["tiles"][k]:
+            tile = np.asarray(im.crop(box))
+            assert len({tuple(v) for v in tile.reshape(-1, 3)}) > 20  # structure, not one flat colour
+
+
+def test_compare_runs_rows_keep_one_kind():
+    def chain(mode: str, kinds: list[str]) -> FeatureMaps:
+        return FeatureMaps(
+            tuple(fmap(torch.rand(1, 2, 8, 8), f"f.{i}", kind=k, index=i) for i, k in enumerate(kinds)), mode=mode
+        )
+
+    relu = chain("conv-relu", ["conv", "act"] * 4)
+    pool = chain("conv-pool", ["conv", "conv", "pool"] * 2)
+    conv = chain("conv", ["conv"] * 4)
+    im = R.compare_runs({"conv": conv, "conv-relu": relu, "conv-pool": pool})
+    cols = im.info["columns"]
+    assert cols["conv-relu"] == ["f.1", "f.3", "f.5", "f.7"]  # the ReLU outputs, every column
+    assert cols["conv-pool"] == ["f.0", "f.1", "f.3", "f.4"]  # the conv outputs
+    assert cols["conv"] == ["f.0", "f.1", "f.2", "f.3"]
 
 
 # -- filters ---------------------------------------------------------------------------------------------------------------
@@ -443,8 +493,18 @@ def test_render_layer_grids_global_range(tmp_path):
     a = fmap(torch.full((1, 2, 4, 4), 1.0), "a", index=0)
     b = fmap(torch.full((1, 2, 4, 4), 3.0), "b", index=1)
     pa, pb = R.render_layer_grids(FeatureMaps((a, b)), tmp_path, norm="global", labels=False)
-    for path, expected in ((pa, LOW), (pb, HIGH)):
+    for path, expected in ((pa, colour(1.0, 0, 3)), (pb, HIGH)):
         with Image.open(path) as f:
             im = f.convert("RGB")
         box = R.channel_grid(a, labels=False).info["grid"].tile_box(1)
         assert px(im, *centre(box)) == expected
+
+
+def test_global_grid_says_it_spans_all_layers():
+    a = fmap(torch.full((1, 2, 4, 4), -1.0), "a", index=0)
+    one = R.channel_grid(a, norm="global", global_range=(-1.75, 1.5), global_layers=13, labels=False)
+    assert one.info["scale"] == (-1.75, 1.5)
+    assert one.info["scale_note"] == "scale: one global range [-1.75, 1.5] across 13 layers"
+    alone = R.channel_grid(a, norm="global", labels=False)  # no global range given: the layer's own, said so
+    assert alone.info["scale"] == (-1.0, -1.0)
+    assert "this layer's own range [-1, -1] (no range of the other layers given)" in alone.info["scale_note"]

@@ -18,9 +18,8 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from .memory import ask_for_huge_pages as _ask_for_huge_pages
+from .version import __version__
 
 _ask_for_huge_pages()  # before torch is imported, or it has no effect (see featuremaps.memory)
 

@@ -4,7 +4,7 @@ model with its output shape."""
 
 from __future__ import annotations
 
-from collections import Counter
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from .chains import run_chain
+from .errors import LayerError
 from .hooks import evaluating, exclusive, learned_about, run_pass
-from .layers import kind_of, select_layers
-from .maps import FeatureMaps
+from .images import load_image
+from .layers import entry_name, kind_of, select_layers, split_calls
+from .maps import FeatureMap, FeatureMaps
 from .memory import reuse_freed_memory
-from .models import Model, module_device, unwrap_model
+from .models import Model, input_channels, module_device, unwrap_model
 from .options import check_mode
 from .preprocess import Preprocessing
 from .reduce import Reduction, parse_reduction
@@ -33,9 +35,7 @@ def prepare_input(model: Model | nn.Module, image: Any, *, size: int | tuple[int
     module, info = unwrap_model(model)
     if isinstance(image, torch.Tensor) and image.ndim == 4:
         return image, None
-    from .images import load_image
-
-    pre = info.preprocessing if info is not None else Preprocessing()
+    pre = info.preprocessing if info is not None else Preprocessing.for_channels(input_channels(module))
     pre = pre.with_size(size)
     picture = load_image(image)
     x, resized = pre(picture)
@@ -80,8 +80,10 @@ def capture(
         return run_chain(model, x, chain=mode, layers=layers, reduce=reduction, image=picture)
     with exclusive(module):
         learned = learned_about(module)
-        names = learned.select(module, layers)
-        entries, notes = run_pass(module, x, names, reduction, stop_early=stop_early, learned=learned)
+        paths, calls = split_calls(learned.select(module, layers))
+        entries, notes = run_pass(module, x, paths, reduction, stop_early=stop_early, learned=learned)
+    if calls:
+        entries = _only_calls(entries, calls)
     return FeatureMaps(
         entries=entries,
         model=info.name if info else type(module).__name__,
@@ -95,10 +97,27 @@ def capture(
     )
 
 
+def _only_calls(entries: tuple[FeatureMap, ...], calls: dict[str, frozenset[int]]) -> tuple[FeatureMap, ...]:
+    """The entries that ``path#k`` selections ask for, numbered again in execution order."""
+    kept = [e for e in entries if e.module not in calls or e.call in calls[e.module]]
+    for path, wanted in calls.items():
+        made = max((e.call for e in entries if e.module == path), default=0)
+        missing = sorted(k for k in wanted if k > made)
+        if missing:
+            runs = f"is called {made} times per pass" if made else "is not called in a pass"
+            raise LayerError(
+                f"{entry_name(path, missing[0])} does not exist: {path} {runs}; "
+                "use `featuremaps layers MODEL` to see each call"
+            )
+    return tuple(e if e.index == i else dataclasses.replace(e, index=i) for i, e in enumerate(kept))
+
+
 # -- listing ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerInfo:
-    """One capture point of a model: what ``featuremaps layers`` lists."""
+    """One capture point of a model, what ``featuremaps layers`` lists: one module call (a module
+    called several times gives one row per call, named ``path#k`` from the second call on, as in
+    captures), or a module that the forward pass never calls (``calls == 0``)."""
 
     index: int
     name: str
@@ -107,46 +126,49 @@ class LayerInfo:
     output_shape: tuple[int, ...] | None
     parameters: int
     calls: int
+    module: str = ""
+    call: int = 1
+
+    @property
+    def called(self) -> bool:
+        return self.calls > 0
 
 
 def list_layers(
     model: Model | nn.Module, *, size: int | tuple[int, int] | None = None, layers: str | Sequence[str] | None = "all"
 ) -> list[LayerInfo]:
     """The capture points of a model (leaf modules by default) with their output shapes for an
-    input of ``size`` (one forward pass of a zero image; no maps are kept)."""
+    input of ``size``: one forward pass of a zero image, no maps kept (a model built on the meta
+    device, :func:`featuremaps.models.skeleton`, gives the shapes without computing anything)."""
     module, info = unwrap_model(model)
-    pre = (info.preprocessing if info else Preprocessing()).with_size(size)
-    names = select_layers(module, layers)
+    pre = (info.preprocessing if info else Preprocessing.for_channels(input_channels(module))).with_size(size)
+    paths, only = split_calls(select_layers(module, layers))
     modules = dict(module.named_modules())
-    shapes: dict[str, tuple[int, ...] | None] = {}
-    calls: Counter = Counter()
-    x = torch.zeros(1, 3, *pre.size, device=module_device(module))
+    shapes: dict[str, list[tuple[int, ...] | None]] = {p: [] for p in paths}
+    x = torch.zeros(1, pre.channels, *pre.size, device=module_device(module))
 
     def make_hook(path: str) -> Callable:
         def hook(mod: nn.Module, inputs: Any, output: Any) -> None:
-            calls[path] += 1
-            if path not in shapes:
-                shapes[path] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
+            shapes[path].append(tuple(output.shape) if isinstance(output, torch.Tensor) else None)
 
         return hook
 
     with exclusive(module):
-        handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
+        handles = [modules[n].register_forward_hook(make_hook(n)) for n in paths]
         try:
             with evaluating(module), torch.no_grad():
                 module(x)
         finally:
             for h in handles:
                 h.remove()
-    return [
-        LayerInfo(
-            index=i,
-            name=n,
-            kind=kind_of(modules[n]),
-            type=type(modules[n]).__name__,
-            output_shape=shapes.get(n),
-            parameters=sum(p.numel() for p in modules[n].parameters()),
-            calls=calls[n],
-        )
-        for i, n in enumerate(names)
-    ]
+    rows: list[LayerInfo] = []
+    for path in paths:
+        mod = modules[path]
+        common = {"kind": kind_of(mod), "type": type(mod).__name__, "parameters": sum(p.numel() for p in mod.parameters()),
+                  "calls": len(shapes[path]), "module": path}  # fmt: skip
+        if not shapes[path]:
+            rows.append(LayerInfo(index=len(rows), name=path, output_shape=None, call=0, **common))
+        for k, shape in enumerate(shapes[path], 1):
+            if path not in only or k in only[path]:
+                rows.append(LayerInfo(index=len(rows), name=entry_name(path, k), output_shape=shape, call=k, **common))
+    return rows

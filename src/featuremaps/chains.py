@@ -106,7 +106,8 @@ def run_chain(
 ) -> FeatureMaps:
     """Apply a chain to a preprocessed input ``x`` and keep each step's output (or its reduction).
 
-    ``layers`` filters which steps are kept (by kind, name or glob); every step still runs.
+    ``layers`` filters which steps are kept (by kind, name or glob); the chain stops after the
+    last of them.
     With ``reduce``, only the running tensor and the reduced maps are held.
     """
     module, info = unwrap_model(model)
@@ -120,8 +121,9 @@ def run_chain(
         )
         entries: list[FeatureMap] = []
         input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        last = max((i for i, (name, _) in enumerate(steps) if name in keep), default=-1)
         with evaluating(module), torch.no_grad():
-            for name, group in steps:
+            for name, group in steps[: last + 1]:  # nothing runs after the last wanted step
                 for layer in group:
                     x = layer(x)
                 if reduce is not None:

@@ -79,7 +79,7 @@ def _unique(runs: Mapping[str, Any], label: str) -> str:
 
 
 def comparison_pictures(
-    runs: Mapping[str, FeatureMaps], *, reduce: str = "mean", norm: Any = "global", cmap: str | None = None
+    runs: Mapping[str, FeatureMaps], *, reduce: str = "mean", norm: Any = "map", cmap: str | None = None
 ) -> list[Picture]:
     """The side-by-side figure, then one overview per run."""
     pics = [
@@ -102,25 +102,37 @@ def comparison_pictures(
     return pics
 
 
+def random_weights_warning(runs: Mapping[str, FeatureMaps]) -> str | None:
+    """The report's warning when some compared run has random weights, naming the networks (the
+    modes of one network are one network)."""
+    nets: dict[str, str] = {}
+    for maps in runs.values():
+        if not maps.pretrained:
+            nets.setdefault(maps.model, maps.weights)
+    if not nets:
+        return None
+    names = ", ".join(f"{m} ({w})" for m, w in nets.items())
+    if len(nets) == 1 and len({maps.model for maps in runs.values()}) == 1:
+        return f"RANDOM WEIGHTS: {names} is not pretrained, so these maps show an untrained network."
+    verb = "is" if len(nets) == 1 else "are"
+    return f"RANDOM WEIGHTS: {names} {verb} not pretrained, so these maps show untrained networks."
+
+
 def save_comparison(
     runs: Mapping[str, FeatureMaps],
     folder: str | os.PathLike,
     *,
     source: str = "",
     reduce: str = "mean",
-    norm: Any = "global",
+    norm: Any = "map",
     cmap: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a comparison folder: ``compare.png``, ``index.html``, one run folder per label (with
     its own manifest) and a top ``manifest.json`` of kind ``comparison``."""
     pictures = encode_pictures(comparison_pictures(runs, reduce=reduce, norm=norm, cmap=cmap))
-    any_random = [label for label, maps in runs.items() if not maps.pretrained]
-    warning = (
-        f"RANDOM WEIGHTS in {', '.join(any_random)} — not pretrained: these maps show untrained networks."
-        if any_random
-        else None
-    )
+    warning = random_weights_warning(runs)
+    any_random = warning is not None
     sections = [
         Section(
             "Side by side",

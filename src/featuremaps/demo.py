@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from . import render
 from .capture import capture
 from .errors import WeightsUnavailableError
@@ -56,6 +59,61 @@ def _load(name: str, weights: str, *, size: int, device: str, warn: Callable[[st
         warn(f"WARNING: {exc}")
         warn(f"WARNING: the demo continues with RANDOM weights for {name}; its maps show an untrained network.")
         return load_model(name, "random", size=size, device=device)
+
+
+def follows(m: np.ndarray, picture: Image.Image) -> float:
+    """How closely a 2-D map follows a drawing: the absolute correlation between the map,
+    resized (bilinear) to the picture, and the picture's ink (1 - gray level). 1: the map is the
+    drawing (or its negative); 0: no trace of it."""
+    ink = 1.0 - np.asarray(picture.convert("L"), dtype=np.float64) / 255.0
+    up = np.asarray(Image.fromarray(m.astype(np.float32)).resize(picture.size, Image.Resampling.BILINEAR), np.float64)
+    if up.std() == 0 or ink.std() == 0:
+        return 0.0
+    return float(abs(np.corrcoef(up.ravel(), ink.ravel())[0, 1]))
+
+
+def _telling_channel(after_relu) -> int:
+    """The channel where a ReLU changes most while leaving something to see: about half its values
+    zeroed (4 f (1 - f) with f the zero fraction) times its spread after the ReLU. A channel that
+    is all positive looks the same before and after; a dead one shows nothing."""
+    flat = after_relu.flatten(1).float()
+    f = (flat == 0).float().mean(dim=1)
+    return int((4 * f * (1 - f) * flat.std(dim=1)).argmax())
+
+
+def _chain_text(chains: dict[str, FeatureMaps], edge: Image.Image, size: int, pretrained: bool) -> str:
+    """What the numbers of this run say about the three chains (not what the seed saw with its
+    trained network, unless this run is one)."""
+    acts = chains["conv-relu"].select(kind="act")
+    convs = chains["conv"]
+    pool_convs = chains["conv-pool"].select(kind="conv")
+    zero = sum(s.zero_fraction for s in acts.stats()) / max(1, len(acts))
+    mean_conv = sum(s.mean for s in convs.stats()) / max(1, len(convs))
+    mean_relu = sum(s.mean for s in acts.stats()) / max(1, len(acts))
+    sizes = " -> ".join(str(e.shape[-1]) for e in chains["conv-pool"].select(kind="pool").entries)
+
+    def trail(maps: FeatureMaps) -> str:
+        r = [follows(e.reduced("mean"), edge) for e in maps.entries]
+        picks = sorted({0, len(r) // 2, len(r) - 1})
+        return ", ".join(f"{r[i]:.2f} at layer {i + 1}" for i in picks)
+
+    text = (
+        f"Each chain applies VGG16's layers one after another to the previous output. Conv only keeps every map at "
+        f"{size}x{size}. After each ReLU on average {zero:.0%} of the values are exactly zero; the channel mean after a "
+        f"ReLU is positive everywhere (mean {mean_relu:.3g} against {mean_conv:.3g} for the conv-only chain), which is "
+        f"why its row is light, while single channels turn dark (see the next section). With max-pooling the maps shrink "
+        f"{size} -> {sizes}. How closely each channel-mean map still follows the drawing (the correlation of the map, "
+        f"resized to the picture, with its ink): conv {trail(convs)}; conv-relu {trail(acts)}; conv-pool "
+        f"{trail(pool_convs)}."
+    )
+    if pretrained:
+        text += " The seed, with the same ImageNet weights, saw the shapes blur for a human eye after about layer 11."
+    else:
+        text += (
+            " These are the numbers of an untrained network (random weights); the seed, with ImageNet weights, saw the "
+            "shapes blur for a human eye after about layer 11 of the pooling chain."
+        )
+    return text
 
 
 def _top5(model, maps: FeatureMaps) -> str:
@@ -101,12 +159,6 @@ def run_demo(
         "conv-pool": capture(vgg, edge, mode="conv-pool"),
     }
     step("ran the three chains on the edge picture")
-    conv_relu_acts = chains["conv-relu"].select(kind="act")
-    chain_rows = {
-        "conv": chains["conv"],
-        "conv-relu (after each ReLU)": conv_relu_acts,
-        "conv-pool (convs)": chains["conv-pool"].select(kind="conv"),
-    }
     pics: list[Picture] = [
         Picture(
             "edge.png",
@@ -116,9 +168,11 @@ def run_demo(
         ),
         Picture(
             "chains_compare.png",
-            render.compare_runs(chain_rows, norm="global"),
+            render.compare_runs(chains),
             kind="comparison",
-            caption="VGG16's 13 conv layers in the three chains, one colour scale for all (channel mean)",
+            caption="VGG16's 13 conv layers in the three chains (channel mean): the conv outputs, the outputs after "
+            "each ReLU, and the conv outputs between max-pools; each tile has its own range (under it), zero at "
+            "the dark end for non-negative maps",
         ),
     ]
     for label, maps in chains.items():
@@ -139,16 +193,28 @@ def run_demo(
             caption=f"the input next to layer 13 ({last.name}) of the conv chain",
         )
     )
-    relu_zero = sum(s.zero_fraction for s in conv_relu_acts.stats()) / max(1, len(conv_relu_acts))
-    conv_mean = sum(s.mean for s in chains["conv"].stats()) / max(1, len(chains["conv"]))
-    relu_mean = sum(s.mean for s in conv_relu_acts.stats()) / max(1, len(conv_relu_acts))
-    sizes = " -> ".join(str(e.shape[-1]) for e in chains["conv-pool"].select(kind="pool").entries)
-    chain_text = (
-        f"Each chain applies VGG16's layers one after another to the previous output. Conv only keeps every map at "
-        f"{size}x{size}. After each ReLU on average {relu_zero:.0%} of the values are exactly zero (mean {relu_mean:.3g} "
-        f"against {conv_mean:.3g} for the conv-only chain): the darkening the seed saw, yet the shapes survive. With "
-        f"max-pooling the maps shrink {size} -> {sizes} while keeping their brightness; after about layer 11 the shapes "
-        "blur for a human eye."
+    chain_text = _chain_text(chains, edge, size, pretrained)
+
+    # what a ReLU does to one channel: the real network's conv outputs and the same outputs after their ReLU
+    relu_maps = capture(vgg, edge, layers="conv,relu")
+    acts = relu_maps.select(kind="act", spatial=True)
+    columns = render.depth_match(7, len(acts))
+    channels = [_telling_channel(acts.entries[i].tensor[0]) for i in columns]
+    before_after = {"conv output": relu_maps.select(kind="conv", spatial=True), "after its ReLU": acts}
+    pics.append(
+        Picture(
+            "relu_before_after.png",
+            render.compare_runs(before_after, channel=channels, max_columns=7),
+            kind="comparison",
+            caption="one channel of VGG16's conv layers before and after its ReLU (network mode, the channel under "
+            "each tile): the negative values become 0, the darkest colour; each tile has its own range",
+        )
+    )
+    relu_zero = sum(s.zero_fraction for s in acts.stats()) / max(1, len(acts))
+    relu_text = (
+        f"A ReLU sets every negative value to 0: in the real network {relu_zero:.0%} of the values after each ReLU "
+        "are zero. Drawn on its own scale, with 0 at the dark end, a channel turns dark wherever its conv output was "
+        "negative: the darkening the seed saw in single channels."
     )
 
     # 2-3. the real network on the edge picture and the photos
@@ -240,9 +306,10 @@ def run_demo(
         Section(
             "Three ways through VGG16's conv layers",
             text=chain_text,
-            pictures=pics[1:],
+            pictures=[p for p in pics[1:] if p.path != "relu_before_after.png"],
             tables=[(f"{label} chain: per-layer numbers", maps.stats()) for label, maps in chains.items()],
         ),
+        Section("What a ReLU does", text=relu_text, pictures=[p for p in pics if p.path == "relu_before_after.png"]),
         *net_sections,
         Section(
             "VGG16 against AlexNet",

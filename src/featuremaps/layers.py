@@ -90,14 +90,20 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
     ``layers`` is a kind (``conv``, ``relu``/``act``, ``pool``, ``norm``, ``linear``, ``other``),
     ``all`` (every leaf module), an exact ``named_modules()`` path, or a glob pattern over the paths
     (``features.*``); several may be given as a list or comma-separated. Kind words win over a
-    module of the same name; ``name:pool`` selects the module called ``pool``.
+    module of the same name; ``name:pool`` selects the module called ``pool``. ``path#k`` selects
+    only the k-th call of a module called several times (the key a capture gives that call); it
+    is returned as ``path#k`` (see :func:`split_calls`).
     """
     leaves = [(n, m) for n, m in candidates if _is_leaf(m)]
     all_names = [n for n, _ in candidates]
     wanted: set[str] = set()
+    calls: dict[str, set[int]] = {}
     for token in _tokens(layers):
         low = token.lower()
-        if token.startswith("name:"):  # a module literally called like a kind ("pool")
+        base, hash_, k = token.rpartition("#")
+        if hash_ and base in all_names and k.isdigit() and int(k) >= 1:
+            calls.setdefault(base, set()).add(int(k))
+        elif token.startswith("name:"):  # a module literally called like a kind ("pool")
             token = low = token[len("name:") :]
             if token not in all_names:
                 raise LayerError(f"no layer named {token!r}; use `featuremaps layers MODEL` to see the names")
@@ -126,7 +132,32 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
                 f"no layer named {token!r}; {hint}use a kind (conv, relu, pool, norm, linear, all), a glob "
                 "such as 'features.*', or a name from `featuremaps layers MODEL`"
             )
-    return [n for n, _ in candidates if n in wanted]
+    out: list[str] = []
+    for n, _ in candidates:
+        if n in wanted:
+            out.append(n)
+        elif n in calls:
+            out.extend(entry_name(n, k) for k in sorted(calls[n]))
+    return out
+
+
+def split_calls(names: Sequence[str]) -> tuple[list[str], dict[str, frozenset[int]]]:
+    """Selected names -> the module paths to hook, and for paths selected only by ``path#k``, which
+    calls to keep (``path`` alone: every call; ``path#1`` is the first call)."""
+    paths: list[str] = []
+    calls: dict[str, set[int]] = {}
+    whole: set[str] = set()
+    for name in names:
+        base, hash_, k = name.rpartition("#")
+        if hash_ and k.isdigit():
+            calls.setdefault(base, set()).add(int(k))
+            path = base
+        else:
+            whole.add(name)
+            path = name
+        if path not in paths:
+            paths.append(path)
+    return paths, {p: frozenset(ks) for p, ks in calls.items() if p not in whole}
 
 
 def select_layers(

@@ -80,11 +80,53 @@ class FeatureMap:
         """The kept tensor as a float32 numpy array on the CPU."""
         return self.tensor.detach().float().cpu().numpy()
 
-    def maps(self, sample: int = 0) -> np.ndarray:
-        """The channel maps of one sample, ``(C, H, W)`` (or ``(k, H, W)`` after top-k)."""
+    @property
+    def has_channels(self) -> bool:
+        """True when :attr:`tensor` holds channel maps: the full output, its top-k channels, or a
+        chosen subset (``reduction == "channels"``), rather than one reduced map per image."""
+        r = self.reduction
+        return r is None or r.startswith("topk") or r == "channels"
+
+    def with_channels(self, ids: Sequence[int]) -> FeatureMap:
+        """The same entry keeping only the channels ``ids`` (original channel numbers, in that
+        order), e.g. the channels a picture shows; its numbers stay those of the full output."""
+        if not self.is_spatial or not self.has_channels:
+            raise LayerError(f"{self.name} has no channel maps to choose from")
+        have = self.channel_ids()
+        try:
+            pos = [have.index(int(i)) for i in ids]
+        except ValueError:
+            raise LayerError(f"{self.name} has no channel {next(i for i in ids if int(i) not in have)}") from None
+        if pos == list(range(len(have))):
+            return self
+        kept = self.tensor.index_select(1, torch.as_tensor(pos, dtype=torch.long, device=self.tensor.device))
+        return FeatureMap(**{**self._fields(), "tensor": kept, "reduction": "channels",
+                             "channels": tuple(int(i) for i in ids), "_stats": self.stats})  # fmt: skip
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.shape[0]) if self.shape else 1
+
+    def _sample(self, sample: int | None) -> int:
+        """``sample`` checked; None means the only image (a batch needs an explicit one)."""
+        n = self.batch_size
+        if sample is None:
+            if n > 1:
+                raise LayerError(
+                    f"{self.name} holds a batch of {n} images; pass sample=0..{n - 1} (or use .numpy() for the whole batch)"
+                )
+            return 0
+        if not isinstance(sample, int) or not 0 <= sample < n:
+            raise LayerError(f"sample {sample!r} is out of range: {self.name} holds {n} image(s), pick 0..{n - 1}")
+        return sample
+
+    def maps(self, sample: int | None = None) -> np.ndarray:
+        """The channel maps of one image, ``(C, H, W)`` (or ``(k, H, W)`` after top-k); ``sample``
+        picks the image of a batch (needed when there are several)."""
+        sample = self._sample(sample)
         if not self.is_spatial:
             raise LayerError(f"{self.name} has output shape {self.shape}; only (N, C, H, W) outputs have channel maps")
-        if self.reduction is not None and not self.reduction.startswith("topk"):
+        if not self.has_channels:
             raise LayerError(
                 f"{self.name} kept only its {self.reduction!r} reduction; capture with reduce=None "
                 "or reduce='topk:K' to keep channel maps"
@@ -95,17 +137,18 @@ class FeatureMap:
         """The original index of each channel that :meth:`maps` returns."""
         return self.channels if self.channels is not None else tuple(range(self.num_channels))
 
-    def reduced(self, method: str = "mean", sample: int = 0) -> np.ndarray:
-        """One 2-D map ``(H, W)``: the channel ``method`` (mean, max, l2, std) of one sample.
+    def reduced(self, method: str = "mean", sample: int | None = None) -> np.ndarray:
+        """One 2-D map ``(H, W)``: the channel ``method`` (mean, max, l2, std) of one image.
 
         A map captured with a reduction gives that reduction (asking for another one is an error);
         top-k maps are reduced over the kept channels.
         """
+        sample = self._sample(sample)
         if not self.is_spatial:
             raise LayerError(
                 f"{self.name} has output shape {self.shape}; only (N, C, H, W) outputs reduce to a 2-D map"
             )
-        if self.reduction is not None and not self.reduction.startswith("topk"):
+        if not self.has_channels:
             if method != self.reduction:
                 raise LayerError(
                     f"{self.name} kept only its {self.reduction!r} reduction, not {method!r}; capture again with reduce={method!r}"
@@ -224,8 +267,9 @@ class FeatureMaps(Mapping[str, FeatureMap]):
         return [e.name for e in self.entries]
 
     def stats(self) -> StatsTable:
-        """Shape, min, max, mean, std, zero fraction and dead-channel fraction of every entry."""
-        return StatsTable([e.stats for e in self.entries])
+        """Shape, min, max, mean, std, zero fraction and dead-channel fraction of every entry; for a
+        batch of several images, one row per entry and image (:meth:`LayerStats.per_image`)."""
+        return StatsTable([row for e in self.entries for row in e.stats.per_image()])
 
     def select(self, *, kind: str | Sequence[str] | None = None, spatial: bool | None = None) -> "FeatureMaps":
         """A new collection with the entries of the given kind(s) and/or spatial-ness."""

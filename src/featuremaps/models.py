@@ -274,7 +274,7 @@ def load_model(
             name=label,
             weights="as given",
             pretrained=False,
-            preprocessing=Preprocessing().with_size(size),
+            preprocessing=Preprocessing.for_channels(input_channels(module)).with_size(size),
         )
 
     if not isinstance(model, str) or not model.strip():
@@ -287,7 +287,7 @@ def load_model(
             )
         with _seeded(seed):
             module = _build_user_model(model)
-        pre = Preprocessing().with_size(size)
+        pre = Preprocessing.for_channels(input_channels(module)).with_size(size)
         if is_path:
             load_checkpoint(module, wspec, model)
             wname, pretrained = f"checkpoint:{wspec}", True
@@ -295,7 +295,7 @@ def load_model(
             wname, pretrained = f"random(seed={seed})", False
         return Model(module=module.eval().to(dev), name=model, weights=wname, pretrained=pretrained, preprocessing=pre)
 
-    from torchvision.models import get_model, get_model_weights
+    from torchvision.models import get_model_weights
 
     name = _check_name(model)
     default_enum = get_model_weights(name).DEFAULT if _has_weights(name) else None
@@ -303,27 +303,20 @@ def load_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's init-weights notices are not for our users
         if is_path:
-            with _seeded(seed):
-                module = get_model(name, weights=None, **_builder_overrides(name))
-            load_checkpoint(module, wspec, name)
+            # built without initialising its weights (they are about to be replaced): a VGG16 whose
+            # random init takes 2 s here is ready in the time it takes to map the file
+            module = _without_init(name)
+            load_checkpoint(module, wspec, name, assign=True)
+            if _unfilled(module):
+                module = _built(name, seed)
+                load_checkpoint(module, wspec, name)
             wname, pretrained, enum = f"checkpoint:{wspec}", True, default_enum
         elif wspec.lower() == "random":
-            with _seeded(seed):
-                module = get_model(name, weights=None, **_builder_overrides(name))
+            module = _built(name, seed)
             wname, pretrained, enum = f"random(seed={seed})", False, default_enum
         else:
             enum = _weights_enum(name, wspec)
-            try:
-                with _download_messages(shown=progress):
-                    module = get_model(name, weights=enum, progress=progress)
-            except _OFFLINE_ERRORS as exc:
-                raise WeightsUnavailableError(_offline_message(name, enum, exc)) from None
-            except RuntimeError as exc:
-                if "hash" in str(exc).lower() or "zip" in str(exc).lower() or "corrupt" in str(exc).lower():
-                    raise WeightsUnavailableError(
-                        f"the cached weights file {weights_file(enum)} is damaged ({first_line(exc)[:100]}); delete it and run again"
-                    ) from None
-                raise
+            module = _pretrained(name, enum, progress)
             wname, pretrained = enum.name, True
             categories = tuple(enum.meta.get("categories") or ()) or None
     pre = preprocessing_from_weights(enum, size)
@@ -334,6 +327,99 @@ def load_model(
         pretrained=pretrained,
         preprocessing=pre,
         categories=categories,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Building torchvision models
+# --------------------------------------------------------------------------------------------------
+#: Models whose pretrained builder changes what forward() computes without changing the weights'
+#: names or shapes (``transform_input``): always built by torchvision itself, with its own init.
+_BUILT_BY_TORCHVISION = frozenset({"googlenet", "inception_v3"})
+
+
+def _built(name: str, seed: int, **kwargs: Any) -> nn.Module:
+    """The model with torchvision's own (seeded) random initialisation."""
+    from torchvision.models import get_model
+
+    with _seeded(seed):
+        return get_model(name, weights=None, **{**_builder_overrides(name), **kwargs})
+
+
+def _without_init(name: str, **kwargs: Any) -> nn.Module:
+    """The model's architecture on the meta device: no memory, no initialisation, for weights that
+    :meth:`~torch.nn.Module.load_state_dict` (``assign=True``) puts in place."""
+    from torchvision.models import get_model
+
+    with torch.device("meta"):
+        return get_model(name, weights=None, **{**_builder_overrides(name), **kwargs})
+
+
+def _unfilled(module: nn.Module) -> bool:
+    """True when some tensor of a module built by :func:`_without_init` was not in the checkpoint
+    (a buffer that is not saved): then the module is built the usual way instead."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def _pretrained(name: str, enum: Any, progress: bool) -> nn.Module:
+    """The model with torchvision's pretrained weights (its cache, or a download), built without
+    a random initialisation first where that gives the same model."""
+    from torchvision.models import get_model
+
+    try:
+        with _download_messages(shown=progress):
+            if name in _BUILT_BY_TORCHVISION:
+                return get_model(name, weights=enum, progress=progress)
+            state = enum.get_state_dict(progress=progress, check_hash=True)
+    except _OFFLINE_ERRORS as exc:
+        raise WeightsUnavailableError(_offline_message(name, enum, exc)) from None
+    except RuntimeError as exc:
+        if "hash" in str(exc).lower() or "zip" in str(exc).lower() or "corrupt" in str(exc).lower():
+            raise WeightsUnavailableError(
+                f"the cached weights file {weights_file(enum)} is damaged ({first_line(exc, 100)}); delete it and run again"
+            ) from None
+        raise
+    categories = enum.meta.get("categories")
+    kwargs = {"num_classes": len(categories)} if categories else {}
+    module = _without_init(name, **kwargs)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError:  # the pretrained builder makes another architecture (a 384-pixel ViT...)
+        module = None
+    if module is None or _unfilled(module):
+        with _download_messages(shown=progress):
+            module = get_model(name, weights=enum, progress=progress)
+    return module
+
+
+def input_channels(module: nn.Module) -> int:
+    """How many channels the model's first convolution takes (3 when it has none)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+    return 3
+
+
+def skeleton(model: str, *, size: int | tuple[int, int] | None = None) -> Model | None:
+    """A torchvision model's architecture on the meta device, with its preprocessing: enough to
+    check layer names, modes and channel numbers (and to list output shapes with
+    :func:`featuremaps.capture.list_layers`) in a fraction of a second, before any weights are
+    read or initialised. None for a user's own model (building it runs the user's code)."""
+    if not isinstance(model, str) or is_user_spec(model):
+        return None
+    from torchvision.models import get_model_weights
+
+    name = _check_name(model)
+    enum = get_model_weights(name).DEFAULT if _has_weights(name) else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = _without_init(name).eval()
+    return Model(
+        module=module,
+        name=name,
+        weights="none (meta)",
+        pretrained=False,
+        preprocessing=preprocessing_from_weights(enum, size),
     )
 
 
@@ -368,7 +454,7 @@ def _builder_overrides(name: str) -> dict[str, Any]:
 
 def _offline_message(name: str, enum: Any, exc: BaseException) -> str:
     target = weights_file(enum)
-    reason = first_line(exc)[:80]
+    reason = first_line(exc, 80)
     return (
         f"pretrained weights {name}/{enum.name} are not cached and cannot be downloaded ({reason}): "
         f"put {target.name} into {target.parent} (or set TORCH_HOME), pass a checkpoint file as weights, "

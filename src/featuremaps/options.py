@@ -122,3 +122,15 @@ def check_cmap(cmap: Any) -> Any:
     if isinstance(cmap, Colormap):
         return cmap
     raise RenderError(f"a colormap is a matplotlib name such as 'viridis', not {type(cmap).__name__}")
+
+
+def check_display(*, reduce: str = "mean", norm: Any = "map", cmap: Any = None) -> None:
+    """Refuse an unknown channel reduction, norm or colormap of the pictures (the CLI's ``--reduce``,
+    ``--norm``, ``--cmap``), before any work."""
+    from .reduce import REDUCTIONS
+
+    if reduce not in REDUCTIONS:
+        raise OptionError(f"unknown --reduce {str(reduce)[:30]!r}; use one of {', '.join(REDUCTIONS)}")
+    parse_norm(norm)
+    if cmap is not None:
+        check_cmap(cmap)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ImageError, ModelError
+from .errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -22,7 +22,9 @@ class Preprocessing:
     """How a picture becomes the model's input.
 
     Like the seed, the whole picture is resized to ``size`` (no crop), then normalized with the
-    weights' own mean and std.
+    weights' own mean and std. ``channels`` is what the model's first layer takes: 3 (RGB) or 1
+    (the picture in grayscale, normalized with ImageNet's mean statistics).
+    ``min_size`` applies to the model's input (``size``), not to the picture, which is resized.
     """
 
     size: tuple[int, int] = (224, 224)
@@ -30,6 +32,14 @@ class Preprocessing:
     std: tuple[float, ...] = IMAGENET_STD
     min_size: tuple[int, int] = (1, 1)
     interpolation: str = "bilinear"
+    channels: int = 3
+
+    @classmethod
+    def for_channels(cls, channels: int) -> "Preprocessing":
+        """ImageNet preprocessing for a model whose first layer takes ``channels`` channels."""
+        if channels == 1:
+            return cls(mean=(sum(IMAGENET_MEAN) / 3,), std=(sum(IMAGENET_STD) / 3,), channels=1)
+        return cls(channels=int(channels))
 
     def with_size(self, size: int | tuple[int, int] | None) -> "Preprocessing":
         """The same preprocessing at another input size (``None`` keeps this one)."""
@@ -56,10 +66,18 @@ class Preprocessing:
         return image.resize((w, h), method, reducing_gap=None)
 
     def to_tensor(self, resized: "Image.Image") -> torch.Tensor:
-        """A resized RGB picture -> normalized ``(1, 3, H, W)`` float tensor."""
+        """A resized picture -> normalized ``(1, channels, H, W)`` float tensor."""
         import numpy as np
 
-        arr = torch.from_numpy(np.asarray(resized.convert("RGB"), dtype=np.uint8).copy())
+        if self.channels not in (1, 3):
+            raise ModelError(
+                f"this model's first layer takes {self.channels} input channels, but a picture gives 3 (RGB) or 1 "
+                f"(grayscale); pass a preprocessed (N, {self.channels}, H, W) tensor instead of a picture"
+            )
+        if self.channels == 1:
+            arr = torch.from_numpy(np.asarray(resized.convert("L"), dtype=np.uint8).copy())[:, :, None]
+        else:
+            arr = torch.from_numpy(np.asarray(resized.convert("RGB"), dtype=np.uint8).copy())
         x = arr.permute(2, 0, 1).float().div_(255.0)
         mean = torch.tensor(self.mean).view(-1, 1, 1)
         std = torch.tensor(self.std).view(-1, 1, 1)
@@ -67,11 +85,6 @@ class Preprocessing:
 
     def __call__(self, image: "Image.Image") -> tuple[torch.Tensor, "Image.Image"]:
         """Resize and normalize; returns the input tensor and the resized picture."""
-        if image.width < self.min_size[1] or image.height < self.min_size[0]:
-            raise ImageError(
-                f"the image is {image.width}x{image.height} pixels; this model needs at least "
-                f"{self.min_size[1]}x{self.min_size[0]} — use a larger image"
-            )
         resized = self.resize(image)
         return self.to_tensor(resized), resized
 

@@ -1,8 +1,9 @@
 """The HTML report (``index.html``) that ``featuremaps show``, ``compare`` and ``demo`` write: titled
 sections of text, pictures and number tables.
 
-One self-contained file: styles are inline and every picture is embedded as a PNG data URI (the
-same bytes that are written beside it), so the report opens offline, alone, in any browser.
+One self-contained file when its pictures are small (up to :data:`INLINE_LIMIT`): styles are inline
+and every picture is embedded as a PNG data URI (the same bytes that are written beside it), so
+the report opens offline, alone, in any browser. Larger reports link the PNG files beside them.
 """
 
 from __future__ import annotations
@@ -46,13 +47,29 @@ class Section:
     folded: Sequence[Picture] = field(default=())  # pictures behind a "show" toggle (long lists)
 
 
-def _img(picture: Picture) -> str:
-    data = base64.b64encode(picture.encoded()).decode("ascii")
+#: Above this many bytes of pictures, a report links the PNG files beside it instead of embedding
+#: them (a report of every channel of a chain would otherwise be hundreds of MB of base64).
+INLINE_LIMIT = 8 * 2**20
+
+
+def _img(picture: Picture, inline: bool) -> str:
     caption = html.escape(picture.caption or picture.path)
+    src = (
+        f"data:image/png;base64,{base64.b64encode(picture.encoded()).decode('ascii')}"
+        if inline
+        else html.escape(picture.path)
+    )
     return (
-        f"<figure><img src='data:image/png;base64,{data}' alt='{caption}' loading='lazy' "
+        f"<figure><img src='{src}' alt='{caption}' loading='lazy' "
         f"data-file='{html.escape(picture.path)}'><figcaption>{caption}</figcaption></figure>"
     )
+
+
+def inline_pictures(sections: Sequence[Section], limit: int | None = None) -> bool:
+    """Whether a report of these sections embeds its pictures: when they take at most ``limit``
+    bytes (default :data:`INLINE_LIMIT`)."""
+    limit = INLINE_LIMIT if limit is None else limit
+    return sum(len(p.encoded()) for sec in sections for p in (*sec.pictures, *sec.folded)) <= limit
 
 
 def build_report(
@@ -61,8 +78,13 @@ def build_report(
     sections: Sequence[Section],
     meta: Mapping[str, str] | None = None,
     warning: str | None = None,
+    inline: bool | None = None,
 ) -> str:
-    """The report as one HTML string."""
+    """The report as one HTML string: one self-contained file with the pictures embedded when they
+    are small (``inline=None``: :func:`inline_pictures`), else linking the PNG files written beside
+    it (their paths in the folder), which the report then says."""
+    if inline is None:
+        inline = inline_pictures(sections)
     meta_html = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>" for k, v in (meta or {}).items())
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
@@ -73,16 +95,21 @@ def build_report(
     if warning:
         parts.append(f"<div class='warning' role='alert'>{html.escape(warning)}</div>")
     parts.append("<main>")
+    if not inline:
+        parts.append(
+            "<p class='text'>The pictures of this report are the PNG files beside it in this folder; keep the folder "
+            "together to see them.</p>"
+        )
     for sec in sections:
         parts.append(f"<section><h2>{html.escape(sec.title)}</h2>")
         if sec.text:
             parts.append(f"<p class='text'>{html.escape(sec.text)}</p>")
-        parts.extend(_img(p) for p in sec.pictures)
+        parts.extend(_img(p, inline) for p in sec.pictures)
         for caption, table in sec.tables:
             parts.append(f"<h3 style='font-size:14px'>{html.escape(caption)}</h3>{table._repr_html_()}")
         if sec.folded:
             parts.append(f"<details><summary>{len(sec.folded)} more pictures</summary>")
-            parts.extend(_img(p) for p in sec.folded)
+            parts.extend(_img(p, inline) for p in sec.folded)
             parts.append("</details>")
         parts.append("</section>")
     parts.append("<footer style='padding:0 28px 20px;color:#888;font-size:12px'>made with featuremaps</footer>")

@@ -15,17 +15,11 @@ renamed into place at the end, and removed if anything fails.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import io
-import json
 import os
-import re
-import shutil
-import socket
-import uuid
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +29,17 @@ import numpy as np
 import torch
 
 from .errors import RunError
+from .folders import (  # noqa: F401  (the run folder's public names, kept importable from here)
+    FOLDER_KINDS,
+    MANIFEST,
+    PARTIAL_MARKER,
+    SCHEMA_VERSION,
+    atomic_folder,
+    check_replaceable,
+    clear_stale_parts,
+    read_manifest,
+    write_manifest,
+)
 from .layers import file_stem
 from .maps import FeatureMap, FeatureMaps
 from .render.png import to_png_bytes
@@ -42,9 +47,6 @@ from .stats import LayerStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
-
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Picture:
     layer: str | None = None
     caption: str = ""
     png: bytes | None = field(default=None, repr=False)
+    channels: tuple[int | str, ...] | None = None  # a channel grid's channels, in tile order
 
     def encoded(self) -> bytes:
         """The PNG file's bytes (:func:`featuremaps.render.png.to_png_bytes`, fast settings)."""
@@ -107,6 +110,7 @@ def manifest_for(
                 "reduction": e.reduction,
                 "channels": list(e.channels) if e.channels is not None else None,
                 "stats": e.stats.as_dict(),
+                **({"sample_stats": [r.as_dict() for r in e.stats.samples]} if e.stats.samples else {}),
                 "raw": f"maps/{layer_stem(e)}.npy" if raw else None,
             }
         )
@@ -129,6 +133,7 @@ def manifest_for(
                 "caption": p.caption,
                 "width": p.image.width,
                 "height": p.image.height,
+                **({"channels": list(p.channels)} if p.channels is not None else {}),
             }
             for p in pictures
         ],
@@ -142,6 +147,15 @@ def _write_picture(picture: Picture, root: Path) -> None:
     dest = root / _check_relpath(picture.path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(picture.encoded())
+
+
+def _write_raw(entry: FeatureMap, root: Path) -> None:
+    np.save(root / "maps" / f"{layer_stem(entry)}.npy", entry.tensor.detach().cpu().numpy(), allow_pickle=False)
+
+
+def raw_nbytes(maps: FeatureMaps) -> int:
+    """What the raw maps of ``maps`` take on disk (``.npy`` files, without their small headers)."""
+    return sum(e.tensor.element_size() * e.tensor.nelement() for e in maps.entries)
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -160,187 +174,6 @@ def write_pictures(root: Path, pictures: Iterable[Picture]) -> None:
         list(pool.map(lambda p: _write_picture(p, root), pictures))
 
 
-# -- folders featuremaps writes ---------------------------------------------------------------------
-#: What a folder's manifest says it is; readers check it (see :func:`read_manifest`).
-FOLDER_KINDS: tuple[str, ...] = ("run", "comparison", "demo", "atlas", "portraits")
-#: The file inside a temporary folder that says which process is filling it (see :func:`clear_stale_parts`).
-PARTIAL_MARKER = ".featuremaps-partial"
-_PART_RE = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
-
-
-def _own_manifest(folder: Path) -> dict[str, Any] | None:
-    """The folder's manifest when featuremaps wrote it (a ``schema_version`` and a ``kind`` or a
-    ``featuremaps_version``), else None."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("schema_version"), int):
-        return None
-    if manifest.get("kind") in FOLDER_KINDS or "featuremaps_version" in manifest:
-        return manifest
-    return None
-
-
-def _files_under(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
-
-
-def check_replaceable(folder: str | os.PathLike, *, overwrite: bool) -> None:
-    """Refuse, with a one-line :class:`RunError`, to write into ``folder`` when that would lose
-    anything featuremaps did not write: an existing folder may be replaced (``overwrite``) only
-    when its manifest says featuremaps wrote it and it holds no file that manifest does not list.
-
-    Called before any work starts (the CLI calls it before loading a model) and again by
-    :func:`atomic_folder` right before the old folder is replaced.
-    """
-    target = Path(folder)
-    if not (target.exists() or target.is_symlink()):
-        return
-    if not overwrite:
-        raise RunError(f"{target} already exists; choose another output folder (--out) or use --force to replace it")
-    if target.is_symlink() or not target.is_dir():
-        raise RunError(f"{target} exists and is not a folder featuremaps wrote; choose another output folder")
-    manifest = _own_manifest(target)
-    if manifest is None:
-        raise RunError(
-            f"{target} was not written by featuremaps (no featuremaps manifest.json in it), so --force will not "
-            "replace it; choose another output folder"
-        )
-    listed = manifest.get("files")
-    if isinstance(listed, list):
-        foreign = [f for f in _files_under(target) if f not in set(listed) and f != MANIFEST]
-        if foreign:
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-            raise RunError(
-                f"{target} holds files featuremaps did not write ({foreign[0]}{more}), so --force will not replace it; "
-                "move them out or choose another output folder"
-            )
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (Linux: clock ticks since boot), to tell it from a later process
-    with the same pid; None where that cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[19]
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    except OSError:  # pragma: no cover - platforms without signals
-        return True
-    now = _process_start(pid)
-    return started is None or now is None or now == started
-
-
-def clear_stale_parts(parent: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders that featuremaps left in ``parent`` when a run was killed
-    (``kill -9``, a power cut): hidden ``.NAME.tmp-PID-XXXXXXXX`` folders with featuremaps' marker
-    file, and ``.NAME.old-PID-XXXXXXXX`` folders with a featuremaps manifest, whose process is
-    gone. Anything else, and the folders of live processes, are left alone. Returns what was removed."""
-    root = Path(parent)
-    removed: list[Path] = []
-    try:
-        candidates = [p for p in root.iterdir() if p.name.startswith(".") and _PART_RE.match(p.name)]
-    except OSError:
-        return removed
-    host = socket.gethostname()
-    for path in candidates:
-        if path.is_symlink() or not path.is_dir():
-            continue
-        m = _PART_RE.match(path.name)
-        assert m is not None
-        marker: dict[str, Any] = {}
-        try:
-            marker = json.loads((path / PARTIAL_MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            marker = {}
-        if m["what"] == "tmp":
-            ours = isinstance(marker, dict) and marker.get("pid") == int(m["pid"])
-        else:
-            ours = _own_manifest(path) is not None
-        if not ours or (isinstance(marker, dict) and marker.get("host", host) != host):
-            continue
-        if _alive(int(m["pid"]), marker.get("started") if isinstance(marker, dict) else None):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
-            removed.append(path)
-    return removed
-
-
-def _part_name(target: Path, what: str) -> Path:
-    return target.parent / f".{target.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-@contextlib.contextmanager
-def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary sibling of ``folder`` to fill; on success it replaces ``folder``,
-    on any failure (an exception, Ctrl-C, ``kill -TERM`` in the CLI) it is removed and ``folder`` is
-    left as it was. Temporary folders of killed runs in the same parent are cleared first
-    (:func:`clear_stale_parts`).
-
-    Raises:
-        RunError: ``folder`` exists (without ``overwrite``), was not written by featuremaps (see
-            :func:`check_replaceable`), or cannot be written.
-    """
-    target = Path(folder)
-    check_replaceable(target, overwrite=overwrite)
-    parent = target.parent
-    tmp = _part_name(target, "tmp")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        clear_stale_parts(parent)
-        tmp.mkdir()
-        marker = {"pid": os.getpid(), "started": _process_start(os.getpid()), "host": socket.gethostname()}
-        (tmp / PARTIAL_MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        yield tmp
-        (tmp / PARTIAL_MARKER).unlink()
-        if target.exists():
-            check_replaceable(target, overwrite=overwrite)  # again: something may have been added meanwhile
-            old = _part_name(target, "old")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, RunError):
-            raise
-        raise RunError(f"cannot write {target}: {exc.strerror or exc}; check the path and free disk space") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_manifest(root: Path, manifest: Mapping[str, Any], *, kind: str) -> dict[str, Any]:
-    """Write ``root/manifest.json``, the one way featuremaps writes a manifest: ``schema_version``,
-    ``kind`` (one of :data:`FOLDER_KINDS`), ``featuremaps_version``, then the caller's keys, and
-    ``files``, every file under ``root`` (so that a later ``--force`` can tell that nothing else was
-    added). Call it last, once every other file is written."""
-    from . import __version__
-
-    if kind not in FOLDER_KINDS:
-        raise ValueError(f"unknown folder kind {kind!r}")
-    body: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": kind, "featuremaps_version": __version__}
-    body.update(manifest)
-    body["kind"] = kind
-    body["files"] = [f for f in _files_under(root) if f not in (MANIFEST, PARTIAL_MARKER)]
-    (root / MANIFEST).write_text(json.dumps(body, indent=2, allow_nan=True), encoding="utf-8")
-    return body
-
-
 def write_run(
     maps: FeatureMaps,
     root: Path,
@@ -354,12 +187,14 @@ def write_run(
     pictures = list(pictures)
     for p in pictures:
         _check_relpath(p.path)
+    extra_pictures = [Picture("input.png", maps.image, kind="input")] if maps.image is not None else []
+    jobs = [lambda p=p: _write_picture(p, root) for p in [*pictures, *extra_pictures]]
     if raw:
         (root / "maps").mkdir(parents=True, exist_ok=True)
-        for e in maps.entries:
-            np.save(root / "maps" / f"{layer_stem(e)}.npy", e.tensor.detach().cpu().numpy(), allow_pickle=False)
-    extra_pictures = [Picture("input.png", maps.image, kind="input")] if maps.image is not None else []
-    write_pictures(root, [*pictures, *extra_pictures])
+        jobs += [lambda e=e: _write_raw(e, root) for e in maps.entries]
+    with _pool() as pool:  # PNG encoding and file writes release the GIL: a few at a time
+        for done in [pool.submit(job) for job in jobs]:
+            done.result()
     for rel, content in (files or {}).items():
         dest = root / _check_relpath(rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -399,35 +234,6 @@ def save_run(
     return Path(folder)
 
 
-def read_manifest(folder: str | os.PathLike, *, kind: str | None = None) -> dict[str, Any]:
-    """The manifest of a folder featuremaps wrote, checked for its schema version and, when
-    ``kind`` is given, its kind (folders written before kinds existed are runs, comparisons or demos
-    by their content)."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise RunError(
-            f"{folder} is not a featuremaps run folder (no {MANIFEST}); give a folder written by `featuremaps show`"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunError(f"cannot read {path}: {' '.join(str(exc).split())}") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise RunError(f"{path} has schema version {version!r}; this featuremaps reads version {SCHEMA_VERSION}")
-    found = manifest.get("kind") or ("run" if isinstance(manifest.get("layers"), list) else None)
-    if kind is not None and found != kind:
-        what = f"a {found} folder" if found in FOLDER_KINDS else "not a folder of a known kind"
-        readers = {"run": "load_run", "atlas": "open_atlas"}
-        hint = (
-            f"; open it with {readers[found]}"
-            if found in readers
-            else ("; its runs are in its subfolders" if found == "comparison" else "")
-        )
-        raise RunError(f"{folder} is {what}, not a {kind} folder{hint}")
-    return manifest
-
-
 def load_run(folder: str | os.PathLike) -> FeatureMaps:
     """Read a run folder back into :class:`FeatureMaps` (raw maps must have been saved)."""
     root = Path(folder)
@@ -436,15 +242,14 @@ def load_run(folder: str | os.PathLike) -> FeatureMaps:
     for layer in manifest["layers"]:
         if not layer.get("raw"):
             raise RunError(
-                f"{root} was saved without raw maps, so it cannot be loaded back; save it again with raw maps"
+                f"{root} was saved without raw maps (featuremaps show --save-maps none, the default), so it cannot be "
+                "loaded back; run it again with --save-maps shown or all"
             )
         raw = root / _check_relpath(layer["raw"])
         try:
             array = np.load(raw, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise RunError(f"cannot read {raw}: {exc}") from None
-        stats = dict(layer["stats"])
-        stats["shape"] = tuple(stats["shape"])
         entries.append(
             FeatureMap(
                 name=layer["name"],
@@ -457,7 +262,7 @@ def load_run(folder: str | os.PathLike) -> FeatureMaps:
                 tensor=torch.from_numpy(array),
                 reduction=layer.get("reduction"),
                 channels=tuple(layer["channels"]) if layer.get("channels") is not None else None,
-                _stats=LayerStats(**stats),
+                _stats=LayerStats.from_dict(layer["stats"], layer.get("sample_stats") or ()),
             )
         )
     image = None

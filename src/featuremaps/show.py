@@ -4,14 +4,21 @@ folder)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
 from . import render
-from .options import parse_channels
+from .capture import list_layers
+from .chains import chain_steps
+from .errors import OptionError
+from .layers import match_layers, select_layers
+from .maps import FeatureMaps
+from .models import Model, unwrap_model
+from .options import check_mode, check_save_maps, parse_channels
 from .report import Section, build_report
-from .runs import Picture, encode_pictures, layer_stem, save_run
+from .runs import Picture, encode_pictures, layer_stem, raw_nbytes, save_run
 
 
 def show_pictures(
@@ -40,9 +47,7 @@ def show_pictures(
             )
         )
         deepest = spatial[-1]
-        if maps.image is not None and (
-            deepest.reduction is None or deepest.reduction == reduce or deepest.reduction.startswith("topk")
-        ):
+        if maps.image is not None and (deepest.has_channels or deepest.reduction == reduce):
             pics.append(
                 Picture(
                     "overlay.png",
@@ -67,9 +72,14 @@ def show_pictures(
         global_range = render.value_range([e.tensor for e in spatial], "global")
     total = len(spatial)
     for i, e in enumerate(spatial):
-        if e.reduction is None or e.reduction.startswith("topk"):
-            n = len(options.get("channels", ())) or min(options.get("top_k", e.tensor.shape[1]), e.tensor.shape[1])
-            pages = max(1, -(-n // per_page))
+        if e.has_channels:
+            layer_options, note = _channels_of(e, options)
+            n = (
+                len(layer_options["channels"])
+                if "channels" in layer_options
+                else min(layer_options.get("top_k", e.tensor.shape[1]), e.tensor.shape[1])
+            )
+            pages = max(1, -(-n // per_page)) if n else 0
             for page in range(pages):
                 im = render.channel_grid(
                     e,
@@ -78,8 +88,9 @@ def show_pictures(
                     page=page,
                     per_page=per_page,
                     global_range=global_range,
+                    global_layers=len(spatial),
                     palette=True,
-                    **options,
+                    **layer_options,
                 )
                 suffix = f"_p{page + 1}" if pages > 1 else ""
                 pics.append(
@@ -89,7 +100,9 @@ def show_pictures(
                         kind="grid",
                         layer=e.name,
                         caption=f"{e.name} ({e.type}, {'x'.join(map(str, e.shape[1:]))})"
-                        + (f", page {page + 1}/{pages}" if pages > 1 else ""),
+                        + (f", page {page + 1}/{pages}" if pages > 1 else "")
+                        + note,
+                        channels=tuple(im.info["channels"]),
                     )
                 )
         if progress:
@@ -102,6 +115,52 @@ def show_pictures(
                 Picture("filters.png", render.filters(first), kind="filters", caption="the first conv layer's filters")
             )
     return pics
+
+
+def check_show(
+    model: Model | nn.Module,
+    *,
+    mode: str = "network",
+    layers: str | None = None,
+    channels: str | None = "all",
+    size: int | tuple[int, int] | None = None,
+) -> None:
+    """Refuse, before any work, a ``show`` that would fail later: layers that match nothing, a chain
+    mode for a model without a conv stack, channel numbers that no selected layer has. ``model``
+    may be a :func:`featuremaps.models.skeleton` (no weights), which answers in a fraction of a
+    second."""
+    check_mode(mode)
+    if mode == "network":
+        names = layers or "conv"
+    else:
+        steps = [n for n, _ in chain_steps(model, mode)]
+        modules = dict(unwrap_model(model)[0].named_modules())
+        names = match_layers([(n, modules[n]) for n in steps], layers) if layers is not None else steps
+    asked = parse_channels(channels).get("channels")
+    if not asked:
+        select_layers(model, names)  # unknown names fail here
+        return
+    rows = list_layers(model, layers=names, size=size)
+    widths = [r.output_shape[1] for r in rows if r.output_shape and len(r.output_shape) == 4]
+    if widths and max(asked) >= max(widths):
+        lo, hi = min(widths), max(widths)
+        have = f"{lo} channels" if lo == hi else f"{lo} to {hi} channels"
+        raise OptionError(
+            f"channel {max(asked)} is not in any selected layer (they have {have}); use channels below {hi}, e.g. 0-{min(hi, 64) - 1}"
+        )
+
+
+def _channels_of(e, options: dict) -> tuple[dict, str]:
+    """The grid options of one layer: the channels asked for that this layer has (a layer with
+    fewer channels shows those it has, and none when it has none of them), and a note for the
+    caption that says what it lacks."""
+    if "channels" not in options:
+        return options, ""
+    have = set(e.channel_ids())
+    mine = [c for c in options["channels"] if c in have]
+    lacking = len(options["channels"]) - len(mine)
+    note = f" (without {lacking} of the channels asked for: it has {e.num_channels})" if lacking else ""
+    return {**options, "channels": mine}, note
 
 
 def _norm_text(norm) -> str:
@@ -156,13 +215,81 @@ def show_report(maps, pictures: Sequence[Picture], *, source: str = "") -> str:
     )
 
 
+@dataclass(frozen=True)
+class WriteSize:
+    """What a ``show`` folder is about to take on disk, in bytes (told to the user when large)."""
+
+    pictures: int
+    raw_maps: int
+    report: int
+
+    @property
+    def total(self) -> int:
+        return self.pictures + self.raw_maps + self.report
+
+
+#: The CLI says what it is about to write above this many bytes.
+LARGE_WRITE = 100 * 2**20
+
+
+def kept_maps(maps: FeatureMaps, pictures: Sequence[Picture], save_maps: str) -> FeatureMaps | None:
+    """The maps a ``show`` folder keeps as raw ``.npy`` files: ``none`` (None), ``all`` (every
+    captured map), or ``shown``: of each layer drawn as a channel grid only the channels its
+    grids show (in their order), every other entry as it is."""
+    save_maps = check_save_maps(save_maps)
+    if save_maps == "none":
+        return None
+    if save_maps == "all":
+        return maps
+    shown: dict[str, list] = {}
+    for p in pictures:
+        if p.kind == "grid" and p.layer is not None and p.channels is not None:
+            shown.setdefault(p.layer, []).extend(c for c in p.channels if isinstance(c, int))
+    entries = []
+    for e in maps.entries:
+        if e.name in shown and e.has_channels:
+            e = e.with_channels(list(dict.fromkeys(shown[e.name])))
+        entries.append(e)
+    return maps.replace(entries=tuple(entries))
+
+
 def save_show(
-    maps, folder, *, model=None, source: str = "", overwrite: bool = False, raw: bool = True, progress=None, **options
+    maps: FeatureMaps,
+    folder,
+    *,
+    model=None,
+    source: str = "",
+    overwrite: bool = False,
+    save_maps: str = "none",
+    progress=None,
+    announce: Callable[[WriteSize], None] | None = None,
+    **options,
 ):
-    """Write the whole ``show`` folder: pictures, ``index.html``, ``manifest.json``, raw maps."""
+    """Write the whole ``show`` folder: pictures, ``index.html``, ``manifest.json`` and, with
+    ``save_maps`` ``shown`` or ``all``, raw maps (see :func:`kept_maps`; needed by
+    :func:`~featuremaps.runs.load_run`). The default ``none`` keeps none: the pictures and the
+    manifest's numbers are what the report shows, while raw maps cost 4 bytes per value (1.6 GB
+    for VGG16's conv-relu chain at 224x224). ``announce`` is told the sizes before anything is
+    written."""
     pictures = encode_pictures(show_pictures(maps, model=model, progress=progress, **options))
+    kept = kept_maps(maps, pictures, save_maps)
     html_text = show_report(maps, pictures, source=source)
-    extra = {"source": source, "render": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}}
+    size = WriteSize(
+        sum(len(p.encoded()) for p in pictures), raw_nbytes(kept) if kept is not None else 0, len(html_text)
+    )
+    if announce is not None:
+        announce(size)
+    extra = {
+        "source": source,
+        "save_maps": save_maps,
+        "render": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
+    }
     return save_run(
-        maps, folder, pictures=pictures, files={"index.html": html_text}, extra=extra, raw=raw, overwrite=overwrite
+        kept if kept is not None else maps,
+        folder,
+        pictures=pictures,
+        files={"index.html": html_text},
+        extra=extra,
+        raw=kept is not None,
+        overwrite=overwrite,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -28,10 +28,12 @@ def clean_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """The numbers behind one captured map, computed on the full output (all samples).
+    """The numbers behind one captured map, computed on the full output.
 
     ``dead_fraction`` is the fraction of channels that are never positive: all zero after a ReLU,
-    or channels that a following ReLU would zero out entirely.
+    or channels that a following ReLU would zero out entirely. For a batch of several images these
+    are the numbers of the whole batch (``sample`` is None) and ``samples`` holds each image's own
+    (``sample`` 0, 1, ...); for one image ``samples`` is empty.
     """
 
     name: str
@@ -43,21 +45,44 @@ class LayerStats:
     std: float
     zero_fraction: float
     dead_fraction: float
+    sample: int | None = None
+    samples: tuple[LayerStats, ...] = field(default=(), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The numbers as a JSON-able dict (without ``samples``: see :meth:`per_image`)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
         d["shape"] = list(self.shape)
         return d
 
+    def per_image(self) -> tuple[LayerStats, ...]:
+        """One row per image: ``samples`` for a batch, or this row for one image."""
+        return self.samples or (self,)
 
-def compute_stats(output: torch.Tensor, name: str, kind: str) -> LayerStats:
-    """Per-layer numbers of a full output tensor ``(N, C, ...)`` (or ``(N, F)``)."""
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], samples: Sequence[Mapping[str, Any]] = ()) -> LayerStats:
+        known = {f.name for f in fields(cls)} - {"samples"}
+        values = {k: v for k, v in d.items() if k in known}
+        values["shape"] = tuple(values["shape"])
+        return cls(**values, samples=tuple(cls.from_dict(s) for s in samples))
+
+
+def compute_stats(output: torch.Tensor, name: str, kind: str, *, sample: int | None = None) -> LayerStats:
+    """Per-layer numbers of a full output tensor ``(N, C, ...)`` (or ``(N, F)``); for a batch
+    (``N > 1``) also each image's own numbers (:attr:`LayerStats.samples`)."""
+    whole = _numbers(output, name, kind, sample)
+    if sample is None and output.ndim >= 1 and output.shape[0] > 1:
+        per = tuple(_numbers(output[i : i + 1], name, kind, i) for i in range(int(output.shape[0])))
+        whole = replace(whole, samples=per)
+    return whole
+
+
+def _numbers(output: torch.Tensor, name: str, kind: str, sample: int | None) -> LayerStats:
     x = output.detach()
     if not x.is_floating_point():
         x = x.float()
     if x.numel() == 0:
         nan = float("nan")
-        return LayerStats(name, kind, tuple(output.shape), nan, nan, nan, nan, nan, nan)
+        return LayerStats(name, kind, tuple(output.shape), nan, nan, nan, nan, nan, nan, sample)
     # Reductions only, no temporary as large as the output (this runs inside capture hooks), each
     # a fast vectorized pass: per-channel min and max (two passes: torch.aminmax along a dimension
     # is about 4x slower than both), sum, sum of squares, and the count of nonzeros.
@@ -92,6 +117,7 @@ def compute_stats(output: torch.Tensor, name: str, kind: str) -> LayerStats:
         std=std,
         zero_fraction=float(zeros) / x.numel(),
         dead_fraction=float(dead),
+        sample=sample,
     )
 
 
@@ -135,12 +161,15 @@ def _count_nonzero(x: torch.Tensor) -> int:
 
 
 class StatsTable(Sequence[LayerStats]):
-    """Per-layer numbers in execution order; prints as a table and shows as HTML in notebooks."""
+    """Per-layer numbers in execution order (one row per layer and image for a batch); prints as a
+    table and shows as HTML in notebooks."""
 
     COLUMNS = ("name", "kind", "shape", "min", "max", "mean", "std", "zero_fraction", "dead_fraction")
+    HEADS = ("layer", "kind", "shape", "min", "max", "mean", "std", "zeros", "dead ch")
 
     def __init__(self, rows: Sequence[LayerStats]):
         self._rows = tuple(rows)
+        self._batch = any(r.sample is not None for r in self._rows)
 
     def __getitem__(self, key):  # type: ignore[override]
         if isinstance(key, str):
@@ -164,9 +193,13 @@ class StatsTable(Sequence[LayerStats]):
             return "nan" if math.isnan(v) else f"{v:.4g}"
         return str(v)
 
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        cols = (("sample",) if self._batch else ()) + self.COLUMNS
+        heads = (["image"] if self._batch else []) + list(self.HEADS)
+        return heads, [[self._fmt(getattr(r, c)) for c in cols] for r in self._rows]
+
     def __str__(self) -> str:
-        head = ["layer", "kind", "shape", "min", "max", "mean", "std", "zeros", "dead ch"]
-        body = [[self._fmt(getattr(r, c)) for c in self.COLUMNS] for r in self._rows]
+        head, body = self._table()
         widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in body]
@@ -177,11 +210,7 @@ class StatsTable(Sequence[LayerStats]):
     def _repr_html_(self) -> str:
         import html
 
-        head = "".join(
-            f"<th>{h}</th>" for h in ("layer", "kind", "shape", "min", "max", "mean", "std", "zeros", "dead ch")
-        )
-        rows = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(self._fmt(getattr(r, c)))}</td>" for c in self.COLUMNS) + "</tr>"
-            for r in self._rows
-        )
-        return f"<table class='featuremaps-stats'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+        head, body = self._table()
+        cells = "".join(f"<th>{h}</th>" for h in head)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+        return f"<table class='featuremaps-stats'><thead><tr>{cells}</tr></thead><tbody>{rows}</tbody></table>"

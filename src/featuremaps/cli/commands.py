@@ -73,20 +73,25 @@ def layers_cmd(
 ) -> None:
     """A table of MODEL's capture points: index, module path, kind, output shape for the input size, parameters."""
     from ..capture import list_layers
-    from ..models import load_model
+    from ..models import load_model, skeleton
 
     with _user_errors():
-        m = load_model(model, weights, device=device, size=size, progress=False)
+        # random weights do not change a shape: the architecture alone (meta device) answers at once
+        m = skeleton(model, size=size) if weights.lower() == "random" else None
+        if m is None:
+            m = load_model(model, weights, device=device, size=size, progress=False)
         rows = list_layers(m, layers=layers)
         h, w = m.preprocessing.size
         table = Table(title=f"{m.name}: {len(rows)} capture points for a {h}x{w} input", header_style="bold")
-        for col in ("#", "layer", "kind", "type", "output shape", "parameters"):
+        for col in ("#", "layer", "kind", "type", "output shape", "call", "parameters"):
             table.add_column(col, justify="right" if col in ("#", "parameters") else "left")
         for r in rows:
-            shape = "x".join(map(str, r.output_shape)) if r.output_shape else "(not a tensor)"
-            if r.calls > 1:
-                shape += f" (x{r.calls} calls)"
-            table.add_row(str(r.index), r.name, r.kind, r.type, shape, f"{r.parameters:,}")
+            if r.output_shape:
+                shape = "x".join(map(str, r.output_shape))
+            else:
+                shape = "not called" if not r.called else "(not a tensor)"
+            call = f"{r.call} of {r.calls}" if r.calls > 1 else ""
+            table.add_row(str(r.index), r.name, r.kind, r.type, shape, call, f"{r.parameters:,}")
         out.print(table)
 
 
@@ -109,32 +114,66 @@ def show_cmd(
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Output folder (PNGs, manifest.json, index.html, raw maps).")
     ] = Path("featuremaps-out"),
+    save_maps: Annotated[
+        str,
+        typer.Option(
+            "--save-maps",
+            help="Raw maps (.npy) to keep beside the pictures: none (default: the pictures and numbers are the "
+            "report; raw maps take 4 bytes a value, 1.6 GB for VGG16's conv-relu chain), shown (the channels the "
+            "grids show), or all. load_run needs shown or all.",
+        ),
+    ] = "none",
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Capture IMAGE's feature maps and write pictures, numbers and an HTML report to --out."""
-    from ..capture import capture
-    from ..images import describe_source
-    from ..options import parse_channels, parse_norm
-    from ..show import save_show
+    from ..images import describe_source, load_image
+    from ..options import check_display, check_mode, check_save_maps, parse_channels
 
     with _user_errors():
-        parse_channels(channels), parse_norm(norm)  # fail before any work
+        # everything that needs no model first: a typo answers at once, without importing torch
+        check_mode(mode)
+        check_display(reduce=reduce, norm=norm, cmap=cmap)
+        parse_channels(channels)
+        check_save_maps(save_maps)
         _check_out(out_dir, force)
         source = _image_source(image)
+        picture = load_image(source)
         with _Steps(quiet) as steps:
+            from ..capture import capture
+            from ..models import skeleton
+            from ..show import LARGE_WRITE, check_show, save_show
+
+            plan = skeleton(model, size=size)  # the architecture alone, on the meta device: a fraction of a second
+            if plan is not None:
+                check_show(plan, mode=mode, layers=layers, channels=channels, size=size)
             m = _load(model, weights, device, size, seed, steps)
+            if plan is None:  # a user's own model: checked once it is built
+                check_show(m, mode=mode, layers=layers, channels=channels)
             task = steps.step(f"capturing ({mode} mode)")
-            maps = capture(m, source, mode=mode, layers=layers)
+            maps = capture(m, picture, mode=mode, layers=layers)
             steps.done(task)
+
+            def announce(size_) -> None:
+                if size_.total > LARGE_WRITE and not quiet:
+                    raw = f", raw maps {_mb(size_.raw_maps)} (--save-maps none skips them)" if size_.raw_maps else ""
+                    err.print(
+                        f"writing {_mb(size_.total)} to {out_dir}/: pictures {_mb(size_.pictures)}{raw}",
+                        markup=False,
+                        highlight=False,
+                        soft_wrap=True,
+                    )
+
             save_show(
                 maps,
                 out_dir,
                 model=m,
                 source=describe_source(source),
                 overwrite=force,
+                save_maps=save_maps,
                 progress=steps.callback("rendering layers"),
+                announce=announce,
                 reduce=reduce,
                 norm=norm,
                 cmap=cmap,
@@ -144,6 +183,12 @@ def show_cmd(
             out.print(_stats_table(maps, f"{maps.model} · {maps.weights} · {maps.mode} mode · {len(maps)} maps"))
             _warn_random(maps)
             out.print(f"wrote {out_dir}/ (open {out_dir / 'index.html'})", markup=False, highlight=False)
+
+
+def _mb(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GB"
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
 @app.command("compare")
@@ -162,9 +207,11 @@ def compare_cmd(
     norm: Annotated[
         str,
         typer.Option(
-            "--norm", help="global (default: one range for all, shows ReLU's darkening), layer, map or fixed:VMIN,VMAX."
+            "--norm",
+            help="map (default: each tile its own range, written under it, zero at the dark end for non-negative "
+            "maps), layer (one range per column), global (one range for all) or fixed:VMIN,VMAX.",
         ),
-    ] = "global",
+    ] = "map",
     cmap: CmapOpt = None,
     size: SizeOpt = None,
     device: DeviceOpt = "cpu",

@@ -23,8 +23,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .. import __version__
 from ..errors import FeatureMapsError
+from ..version import __version__
 
 app = typer.Typer(
     name="featuremaps",
@@ -235,7 +235,7 @@ def main() -> None:
 
 
 def _check_out(folder: Path, force: bool) -> None:
-    from ..runs import check_replaceable
+    from ..folders import check_replaceable
 
     check_replaceable(folder, overwrite=force)
 

@@ -141,8 +141,22 @@ class quiet_nan_warnings:
         return self._cm.__exit__(*exc)
 
 
+def anchor_zero(lo: Any, hi: Any) -> Any:
+    """The low end of a range, moved down to 0 for non-negative data whose values would still
+    cover at least half of the colour scale (``0 < lo <= hi - lo``): zero then sits at the dark
+    end, so that a map after a ReLU (mostly zeros, or a positive mean) does not look like a signed
+    one. Scalars or arrays (per-channel ranges); signed ranges are left as they are."""
+    lo_a, hi_a = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        moved = np.where((lo_a > 0) & (lo_a <= hi_a - lo_a), 0.0, lo_a)
+    return float(moved) if moved.ndim == 0 else moved
+
+
 def finish_range(lo: float, hi: float, diverging: bool) -> tuple[float, float]:
-    """Apply the diverging rule (``±max|x|``, ``(-1, 1)`` for all-zero data) and NaN guards."""
+    """The one rule that finishes every colour range taken from data: the diverging rule
+    (``±max|x|``, ``(-1, 1)`` for all-zero data), else zero at the dark end for non-negative data
+    (:func:`anchor_zero`); ``(0, 0)`` without finite values."""
+    lo, hi = float(lo), float(hi)
     if diverging:
         m = max(abs(lo) if math.isfinite(lo) else 0.0, abs(hi) if math.isfinite(hi) else 0.0)
         if m == 0.0:
@@ -150,7 +164,7 @@ def finish_range(lo: float, hi: float, diverging: bool) -> tuple[float, float]:
         return (-m, m)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return (0.0, 0.0)
-    return (lo, hi)
+    return (anchor_zero(lo, hi), hi)
 
 
 def value_range(

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from PIL import Image
 
 from ..errors import RenderError
-from ..maps import FeatureMaps
+from ..maps import FeatureMap, FeatureMaps
 from ..options import parse_norm
-from .canvas import Canvas, colorbar_height, fit_box, frame, line_height, map_to_indexes, shape_text, text_width, wrap
+from .canvas import (
+    Canvas,
+    colorbar_height,
+    fit_box,
+    fmt_number,
+    frame,
+    line_height,
+    map_to_indexes,
+    shape_text,
+    text_width,
+    wrap,
+)
 from .colors import CAPTION_FONT, HEADER_FONT, MAX_SIDE, MIN_WIDTH, PAD, resolve_cmap
 from .reduced import check_reduce, entries_of, layer_map, ranges_of, scale_footer, scale_line
 
@@ -36,27 +48,57 @@ def _run_desc(fm: Any) -> str:
     return f"{fm.model} · {fm.mode}" if isinstance(fm, FeatureMaps) else ""
 
 
+_KIND_WORDS = {
+    "conv": "conv",
+    "act": "activation",
+    "pool": "pool",
+    "norm": "norm",
+    "linear": "linear",
+    "other": "other",
+}
+
+
+def row_entries(run: Any) -> tuple[list[FeatureMap], str | None]:
+    """The spatial maps one run shows in its comparison row, all of one kind, so that a row does
+    not jump from conv outputs to ReLU outputs half-way (an artefact of the selection, not of the
+    network): a conv-relu chain shows its activations (each conv's output after its ReLU), other
+    runs their conv outputs, or their most common kind when they have no conv. Returns the
+    entries and the kind chosen (None when the run has one kind only)."""
+    entries = [e for e in entries_of(run) if e.is_spatial]
+    counts = Counter(e.kind for e in entries)
+    if len(counts) <= 1:
+        return entries, None
+    prefer = "act" if getattr(run, "mode", "network") == "conv-relu" else "conv"
+    kind = prefer if prefer in counts else counts.most_common(1)[0][0]
+    return [e for e in entries if e.kind == kind], kind
+
+
 def compare_runs(
     runs: Mapping[str, FeatureMaps],
     *,
     reduce: str = "mean",
-    norm: Any = "global",
+    norm: Any = "map",
     cmap: Any = None,
     diverging: bool | None = None,
     tile_size: int = 112,
     max_columns: int | None = None,
     sample: int = 0,
+    channel: int | Sequence[int] | None = None,
 ) -> Image.Image:
     """Rows = runs (e.g. the 'conv', 'conv-relu', 'conv-pool' chains, or two models), columns = spatial
     layers matched by depth.
 
-    The number of columns is the smallest number of spatial layers among the runs (or
-    ``max_columns``); each run picks its layers with :func:`depth_match` (column ``j`` -> layer
-    ``round(j * (n - 1) / (columns - 1))`` of a run with ``n`` spatial layers), so VGG16's 13 convs
-    against AlexNet's 5 give VGG16 layers 0, 3, 6, 9, 12. ``norm="global"`` (default) uses one range
-    for every tile, which shows how a ReLU darkens a chain; ``"layer"`` one range per column;
-    ``"map"`` each tile its own; or fixed. ``image.info["columns"]`` holds the layer names per run,
-    ``image.info["tiles"]`` their boxes.
+    Each row shows maps of one kind (:func:`row_entries`). The number of columns is the smallest
+    number of such maps among the runs (or ``max_columns``); each run picks its layers with
+    :func:`depth_match` (column ``j`` -> layer ``round(j * (n - 1) / (columns - 1))`` of a run with
+    ``n`` maps), so VGG16's 13 convs against AlexNet's 5 give VGG16 layers 0, 3, 6, 9, 12.
+    ``norm="map"`` (default) gives each tile its own range, written under it, with zero at the dark
+    end for non-negative maps (:func:`~featuremaps.render.colors.anchor_zero`): every tile shows its
+    structure, whatever the layers' magnitudes (random weights grow or shrink them with depth);
+    ``"layer"`` one range per column; ``"global"`` one range for every tile; or fixed.
+    ``image.info["columns"]`` holds the layer names per run, ``image.info["tiles"]`` their boxes,
+    ``image.info["ranges"]`` each tile's range. ``channel`` draws that channel of every layer
+    instead of the channel ``reduce``, or with one channel per column (a sequence), that column's.
     """
     if not isinstance(runs, Mapping) or not runs:
         raise RenderError(
@@ -66,8 +108,9 @@ def compare_runs(
     cmap, div = resolve_cmap(cmap, diverging)
     spec = parse_norm(norm)
     spatial = {}
+    kinds: dict[str, str | None] = {}
     for key, fm in runs.items():
-        entries = [e for e in entries_of(fm) if e.is_spatial]
+        entries, kinds[str(key)] = row_entries(fm)
         if not entries:
             raise RenderError(
                 f"run {key!r} has no spatial (N, C, H, W) maps to compare; capture conv, activation or pool layers"
@@ -79,10 +122,18 @@ def compare_runs(
             raise RenderError(f"max_columns must be >= 1, not {max_columns!r}")
         ncols = min(ncols, int(max_columns))
     picked = {k: [entries[i] for i in depth_match(ncols, len(entries))] for k, (_, entries) in spatial.items()}
+    if channel is None or isinstance(channel, int):
+        per_column: list[int | None] = [channel] * ncols
+    else:
+        per_column = [int(c) for c in channel]
+        if len(per_column) != ncols:
+            raise RenderError(
+                f"channel lists one channel per column: {ncols} columns, {len(per_column)} channels given"
+            )
     maps2d, groups = [], []
     for chosen in picked.values():
         for j, e in enumerate(chosen):
-            maps2d.append(layer_map(e, reduce, None, sample)[0])
+            maps2d.append(layer_map(e, reduce, per_column[j], sample)[0])
             groups.append(j)
     rngs = ranges_of(maps2d, spec, div, groups)
     nrows = len(picked)
@@ -96,13 +147,21 @@ def compare_runs(
     tile = int(min(tile_size, (MAX_SIDE - label_w - PAD) // ncols - gap))
     tile = max(16, tile)
     cap_lh = line_height(CAPTION_FONT)
-    cell_w, cell_h = tile + gap, tile + 2 * cap_lh + 2 + gap
+    per_tile = not (spec == "global" or isinstance(spec, tuple))
+    cell_w, cell_h = tile + gap, tile + (3 if per_tile else 2) * cap_lh + 2 + gap
     width = max(label_w + ncols * cell_w + PAD, MIN_WIDTH)
-    lens = ", ".join(f"{k}: {len(spatial[k][1])}" for k in picked)
+    lens = ", ".join(
+        f"{k}: {len(spatial[k][1])} {_KIND_WORDS.get(kinds[k], kinds[k])} outputs"
+        if kinds[k]
+        else f"{k}: {len(spatial[k][1])}"
+        for k in picked
+    )
+    per = "each tile its own range, under it" if spec == "map" else "one range per column, under each tile"
     items = [
-        f"compare runs · channel {reduce}",
-        f"columns matched by relative depth (spatial layers {lens})",
-        scale_line(spec, div, rngs, "per map" if spec == "map" else "one range per column"),
+        f"compare runs · channel {reduce if channel is None else channel if isinstance(channel, int) else 'under each tile'}",
+        f"columns matched by relative depth (spatial maps {lens})",
+        scale_line(spec, div, rngs, per)
+        + ("; zero at the dark end for non-negative maps" if per_tile and not div else ""),
     ]
     lines = wrap(items, HEADER_FONT, width - 2 * PAD)
     header_h = PAD + len(lines) * (line_height(HEADER_FONT) + 1) + 4
@@ -130,10 +189,15 @@ def compare_runs(
             tiles[k].append((ox, oy, ox + tw, oy + th))
             c.text(x, y + tile + 1, e.name, CAPTION_FONT, max_width=tile)
             c.text(x, y + tile + 1 + cap_lh, f"{e.kind} {shape_text(e.shape[1:])}", CAPTION_FONT, max_width=tile)
+            if per_tile:
+                which = "" if channel is None or isinstance(channel, int) else f"ch {per_column[j]} "
+                scale = f"{which}[{fmt_number(lo)}, {fmt_number(hi)}]"
+                c.text(x, y + tile + 1 + 2 * cap_lh, scale, CAPTION_FONT, max_width=tile)
             i += 1
     scale_footer(c, header_h + nrows * cell_h + 2, spec, div, rngs)
     im = c.image(cmap)
     im.info["columns"] = boxes
     im.info["tiles"] = tiles
-    im.info["scale"] = rngs[0] if (spec == "global" or isinstance(spec, tuple)) else None
+    im.info["ranges"] = {k: rngs[r * ncols : (r + 1) * ncols] for r, k in enumerate(picked)}
+    im.info["scale"] = None if per_tile else rngs[0]
     return im

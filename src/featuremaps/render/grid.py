@@ -41,6 +41,7 @@ from .colors import (
     PAD,
     RESERVED_H,
     SEP_INDEX,
+    anchor_zero,
     channel_minmax,
     finish_range,
     finite_minmax,
@@ -216,11 +217,17 @@ def grid_geometry(
 
 def channel_stack(fmap: FeatureMap, sample: int) -> tuple[np.ndarray, list[str], str | None]:
     """The maps of one sample ``(C, H, W)`` float32, their labels, and a note for reduced captures."""
-    if fmap.reduction is not None and not fmap.reduction.startswith("topk"):
+    if not fmap.has_channels:
         arr = fmap.tensor[sample].detach().float().cpu().numpy()[None]
         return arr, [fmap.reduction], f"only the channel {fmap.reduction} was kept"
     arr = fmap.maps(sample)
-    return arr, [str(i) for i in fmap.channel_ids()], (f"top {arr.shape[0]} channels kept" if fmap.channels else None)
+    if fmap.channels is None:
+        note = None
+    elif fmap.reduction == "channels":
+        note = f"{arr.shape[0]} chosen channels kept"
+    else:
+        note = f"top {arr.shape[0]} channels kept"
+    return arr, [str(i) for i in fmap.channel_ids()], note
 
 
 def _scale_note(
@@ -235,8 +242,8 @@ def _scale_note(
         return f"scale: one range for the layer {r}{centred}"
     if spec == "global":
         if n_global is None:
-            return f"scale: global = this layer's range {r}{centred} (one layer given)"
-        return f"scale: global range {r} across {n_global} layers{centred}"
+            return f"scale: global = this layer's own range {r}{centred} (no range of the other layers given)"
+        return f"scale: one global range {r} across {n_global or 'all'} layers{centred}"
     return f"scale: fixed {r}{centred}, values outside are clipped"
 
 
@@ -256,7 +263,7 @@ def _grid_canvas(
     sample: int,
     global_range: tuple[float, float] | None = None,
     global_layers: int | None = None,
-) -> tuple[Canvas, GridGeometry, Any, tuple[float, float] | None, list]:
+) -> tuple[Canvas, GridGeometry, Any, tuple[float, float] | None, list, str]:
     fmap = check_fmap(fmap, "channel_grid")
     if not fmap.is_spatial:
         raise RenderError(
@@ -338,6 +345,7 @@ def _grid_canvas(
         else:
             bad = ~(np.isfinite(vlo) & np.isfinite(vhi))
             vlo, vhi = np.where(bad, 0.0, vlo), np.where(bad, 0.0, vhi)
+            vlo = anchor_zero(vlo, vhi)
         vlo, vhi = vlo[:, None, None], vhi[:, None, None]
     else:
         if isinstance(spec, tuple):
@@ -368,11 +376,12 @@ def _grid_canvas(
             spec if isinstance(spec, str) else "fixed",
             div,
             rng,
-            global_layers if spec == "global" and global_range is not None else None,
+            (global_layers or 0) if spec == "global" and global_range is not None else None,
         ),
     ]
     if isinstance(spec, tuple):
         items[-1] = _scale_note(spec, div, rng, None)
+    note = items[-1]
     hfs = header_size(width)
     lines = wrap(items, hfs, width - 2 * PAD)
     header_h = PAD + len(lines) * (line_height(hfs) + 1) + 3
@@ -428,7 +437,7 @@ def _grid_canvas(
         float(np.max(vhi)) if spec == "map" else vhi,
         **map_colorbar_labels(spec, div),
     )
-    return canvas, geom, cmap, rng, [int(i) if i.isdigit() else i for i in shown]
+    return canvas, geom, cmap, rng, [int(i) if i.isdigit() else i for i in shown], note
 
 
 def channel_grid(
@@ -446,6 +455,7 @@ def channel_grid(
     tile_size: int | None = None,
     sample: int = 0,
     global_range: tuple[float, float] | None = None,
+    global_layers: int | None = None,
     palette: bool = False,
 ) -> Image.Image:
     """All channels of one layer as a grid of tiles, with a header and the scale.
@@ -460,14 +470,15 @@ def channel_grid(
       ``tile_size`` sets the longer tile side instead. 1-2 px separators in :data:`SEPARATOR_COLOR`.
     * ``labels`` writes each channel number in a strip under its tile (when tiles are >= 24 px).
     * ``cmap=None`` is viridis (RdBu_r when ``diverging``); ``norm`` as in the module doc; with
-      ``norm="global"`` pass ``global_range`` (raw min, max across the layers), otherwise the
-      layer's own range is used and the header says so.
+      ``norm="global"`` pass ``global_range`` (raw min, max across the layers) and ``global_layers``
+      (how many layers it spans, for the header), otherwise the layer's own range is used and the
+      header says so.
 
     The layout is in ``image.info["grid"]`` (a :class:`GridGeometry`), the original channel number
     of each tile in ``image.info["channels"]``, the colour range in ``image.info["scale"]`` (None for
-    per-channel scales).
+    per-channel scales) and the header's scale line in ``image.info["scale_note"]``.
     """
-    canvas, geom, cmap, rng, shown = _grid_canvas(
+    canvas, geom, cmap, rng, shown, note = _grid_canvas(
         fmap,
         channels=channels,
         top_k=top_k,
@@ -481,11 +492,13 @@ def channel_grid(
         tile_size=tile_size,
         sample=sample,
         global_range=global_range,
+        global_layers=global_layers,
     )
     im = canvas.palette_image(cmap) if palette else canvas.image(cmap)
     im.info["grid"] = geom
     im.info["channels"] = shown
     im.info["scale"] = rng
+    im.info["scale_note"] = note
     return im
 
 
@@ -547,7 +560,7 @@ def render_layer_grids(
         opts["global_layers"] = len(entries)
 
     def job(e: FeatureMap) -> Path:
-        canvas, _, cm, _, _ = _grid_canvas(e, **opts)
+        canvas, _, cm, _, _, _ = _grid_canvas(e, **opts)
         return save_png(canvas.palette_image(cm), out / layer_filename(e.index, e.name), rle=rle)
 
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)

@@ -31,7 +31,7 @@ def layer_map(fmap: FeatureMap, reduce: str, channel: int | None, sample: int) -
         )
     if channel is not None:
         ids = fmap.channel_ids()
-        if fmap.reduction is not None and not fmap.reduction.startswith("topk"):
+        if not fmap.has_channels:
             raise RenderError(
                 f"{fmap.name} kept only its {fmap.reduction!r} reduction; capture with reduce=None to draw one channel"
             )
@@ -44,7 +44,7 @@ def layer_map(fmap: FeatureMap, reduce: str, channel: int | None, sample: int) -
         return fmap.maps(sample)[pos], f"channel {channel}"
     check_reduce(reduce)
     method = reduce
-    if fmap.reduction is not None and not fmap.reduction.startswith("topk"):
+    if not fmap.has_channels:
         method = fmap.reduction  # only that reduction was kept
     return fmap.reduced(method, sample), f"channel {method} of {fmap.num_channels}"
 
@@ -121,4 +121,4 @@ def map_colorbar_labels(spec: Any, diverging: bool, unit: str = "tile") -> dict[
         return {}
     if diverging:
         return {"low": f"-max|x| of each {unit}", "high": "+max|x|", "mid": "0"}
-    return {"low": f"min of each {unit}", "high": f"max of each {unit}", "mid": ""}
+    return {"low": f"min (or 0) of each {unit}", "high": f"max of each {unit}", "mid": ""}

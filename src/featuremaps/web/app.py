@@ -77,7 +77,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 
-from .. import __version__
 from ..errors import (
     Busy,
     FeatureMapsError,
@@ -94,6 +93,7 @@ from ..errors import (
     UnknownRun,
 )
 from ..models import is_user_spec, list_models
+from ..version import __version__
 from . import tiles as T
 from .forms import normalize_weights
 from .jobs import Viewer, one_line

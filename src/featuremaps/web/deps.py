@@ -14,7 +14,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from .. import __version__, render
+from .. import render
+from ..version import __version__
 from .jobs import Viewer
 from .tiles import Tiles
 

@@ -11,6 +11,8 @@ import time
 import webbrowser
 from typing import Any
 
+from ..errors import ViewerError
+
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -89,7 +91,13 @@ def serve(
     Other keyword arguments go to :func:`featuremaps.web.create_app`.
     """
     app = _app_for(host, create_app_kwargs)
-    sock = bind(host, port)
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ViewerError(
+            f"cannot listen on {host}:{port} ({reason}); choose another --port (0 picks a free one) or --host"
+        ) from None
     url = url_of(sock, host)
     if not is_loopback(host):
         print(

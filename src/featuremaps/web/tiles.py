@@ -139,7 +139,7 @@ class Tiles:
 
     def _reduced(self, run_id: str, maps: FeatureMaps, index: int, reduce: str) -> np.ndarray:
         e = maps.entries[index]
-        method = e.reduction if (e.reduction and not e.reduction.startswith("topk")) else reduce
+        method = e.reduction if (not e.has_channels) else reduce
         return self._memoize((run_id, "reduced", index, method), lambda: e.reduced(method).astype(np.float32))
 
     def _global_reduced_range(self, run_id: str, maps: FeatureMaps, reduce: str) -> tuple[float, float]:
@@ -231,6 +231,7 @@ class Tiles:
                 norm=view.norm,
                 tile_size=tile,
                 global_range=global_range,
+                global_layers=sum(1 for x in maps.entries if x.is_spatial),
             )
         except render.RenderError as exc:
             raise ParamError(str(exc)) from None
@@ -290,7 +291,7 @@ class Tiles:
     def layer_info(self, run_id: str, maps: FeatureMaps, index: int) -> dict[str, Any]:
         e = self.entry(maps, index, spatial=False)
         info = layer_summary(e, index)
-        if e.is_spatial and (e.reduction is None or e.reduction.startswith("topk")):
+        if e.is_spatial and e.has_channels:
             info["channel_ids"] = list(e.channel_ids())
             info["channel_stats"] = {
                 k: [clean_number(v) for v in vals] for k, vals in self._channel_stats(run_id, e, index).items()

@@ -22,7 +22,7 @@ def compare_png(
     viewer: Annotated[Viewer, Depends(get_viewer)],
     cached: Annotated[Cached, Depends(get_cached)],
     reduce: str = "mean",
-    norm: str = "global",
+    norm: str = "map",
     cmap: str = "viridis",
 ) -> Response:
     ids = [r for r in runs.split(",") if r]

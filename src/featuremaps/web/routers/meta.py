@@ -9,12 +9,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
-from ... import __version__, render
+from ... import render
 from ...errors import NotFound
 from ...images import list_samples, load_image
 from ...models import is_cached, is_user_spec
 from ...options import MODES
 from ...reduce import REDUCTIONS
+from ...version import __version__
 from .. import tiles as T
 from ..deps import Cached, get_cached, get_options, get_viewer, png
 from ..forms import MIN_INPUT_SIZE
