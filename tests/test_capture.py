@@ -730,3 +730,67 @@ def test_maps_of_a_batch_need_a_sample_and_stats_are_per_image():
         assert "image" in str(table).splitlines()[0]
     one = fm.capture(model, x[:1], layers="a")
     assert one["a"].maps().shape == (2, 8, 8) and [r.sample for r in one.stats()] == [None]
+
+
+def test_channel_stats_in_the_hook_equal_those_of_the_full_maps():
+    model = fm.load_model("resnet18", weights="random", size=64)
+    x = torch.randn(2, 3, 64, 64)
+    full = fm.capture(model, x, layers="layer3,layer4")
+    small = fm.capture(model, x, layers="layer3,layer4", reduce="channel-stats")
+    for name in ("layer3", "layer4"):
+        e, s = full[name], small[name]
+        assert s.reduction == "channel-stats" and s.shape == e.shape and s.tensor.shape == (2, e.shape[1], 3)
+        flat = e.tensor.flatten(2)
+        assert torch.equal(s.tensor[..., 0], flat.amax(dim=2))
+        assert torch.allclose(s.tensor[..., 1], flat.mean(dim=2))
+        where = s.tensor[..., 2].long()
+        assert torch.equal(flat.gather(2, where[..., None])[..., 0], flat.amax(dim=2))  # the max sits there
+        with pytest.raises(LayerError, match="no statistics were kept with reduce='channel-stats'"):
+            s.stats
+
+
+def test_capture_for_grad_gives_the_gradients_of_the_real_computation():
+    import copy
+
+    torch.manual_seed(0)
+    model = fm.load_model("resnet18", weights="random", size=64)
+    reference = copy.deepcopy(model.module).eval()
+    for m in reference.modules():  # the oracle: the same model with every in-place op out of place
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    x = torch.randn(1, 3, 64, 64)
+    g = fm.capture_for_grad(model, x, layers="layer4,layer1.0.bn2", stop_early=False)
+    assert set(g.outputs) == {"layer4", "layer1.0.bn2"} and g.output.shape == (1, 1000)
+    (grad,) = torch.autograd.grad(g.output[0, 7], g.outputs["layer4"])
+    kept = {}
+    h = reference.layer4.register_forward_hook(lambda m, i, o: kept.setdefault("a", o))
+    try:
+        logits = reference(x)
+    finally:
+        h.remove()
+    (expected,) = torch.autograd.grad(logits[0, 7], kept["a"])
+    assert torch.allclose(g.output, logits) and torch.allclose(grad, expected, atol=1e-6)
+    # bn2's output is written into by `out += identity`: the capture keeps what bn2 returned
+    plain = fm.capture(model, x, layers="layer1.0.bn2")["layer1.0.bn2"].tensor
+    assert torch.allclose(g.outputs["layer1.0.bn2"].detach(), plain)
+    # the model is left as it was, parameters without gradients
+    assert all(p.grad is None for p in model.module.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.module.modules())
+    assert all(getattr(m, "inplace", True) for m in model.module.modules() if hasattr(m, "inplace"))
+
+
+def test_capture_for_grad_stops_after_the_last_wanted_layer():
+    model = fm.load_model("vgg11", weights="random", size=32)
+    ran = []
+    h = model.module.classifier.register_forward_hook(lambda *a: ran.append("classifier"))
+    try:
+        x = torch.randn(1, 3, 32, 32, requires_grad=True)
+        fm.capture_for_grad(model, x, layers="features.3")  # first pass learns where to stop
+        ran.clear()
+        g = fm.capture_for_grad(model, x, layers="features.3")
+        assert g.output is None and ran == []
+        assert (g.outputs["features.3"] < 0).any()  # the in-place ReLU after it wrote into a copy, not the capture
+        (gx,) = torch.autograd.grad(g.outputs["features.3"][0, 2].mean(), x)
+        assert gx.abs().sum() > 0
+    finally:
+        h.remove()

@@ -26,12 +26,15 @@ _ask_for_huge_pages()  # before torch is imported, or it has no effect (see feat
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["MODES"], "options"),
-    **dict.fromkeys(["LayerInfo", "capture", "list_layers", "prepare_input"], "capture"),
+    **dict.fromkeys(
+        ["GradCapture", "LayerInfo", "capture", "capture_for_grad", "list_layers", "prepare_input"], "capture"
+    ),
     **dict.fromkeys(["KINDS", "kind_of", "select_layers"], "layers"),
     **dict.fromkeys(["CHAINS", "find_conv_stack"], "chains"),
     **dict.fromkeys(
         [
             "FeatureMapsError",
+            "GradCapture",
             "ImageError",
             "LayerError",
             "ModelError",
@@ -60,6 +63,7 @@ __all__ = [
     "FeatureMap",
     "FeatureMaps",
     "FeatureMapsError",
+    "GradCapture",
     "ImageError",
     "LayerError",
     "LayerInfo",
@@ -75,6 +79,7 @@ __all__ = [
     "WeightsUnavailableError",
     "__version__",
     "capture",
+    "capture_for_grad",
     "edge_image",
     "find_conv_stack",
     "is_cached",
@@ -117,7 +122,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .capture import LayerInfo, capture, list_layers, prepare_input
+    from .capture import GradCapture, LayerInfo, capture, capture_for_grad, list_layers, prepare_input
     from .chains import CHAINS, find_conv_stack
     from .checkpoints import read_state_dict
     from .errors import (

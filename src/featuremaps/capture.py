@@ -14,7 +14,7 @@ from torch import nn
 
 from .chains import run_chain
 from .errors import LayerError
-from .hooks import evaluating, exclusive, learned_about, run_pass
+from .hooks import evaluating, exclusive, grad_pass, learned_about, run_pass
 from .images import load_image
 from .layers import entry_name, kind_of, select_layers, split_calls
 from .maps import FeatureMap, FeatureMaps
@@ -95,6 +95,64 @@ def capture(
         reduction=reduction.spec if reduction else None,
         notes=tuple(notes),
     )
+
+
+@dataclass(frozen=True, eq=False)
+class GradCapture:
+    """What :func:`capture_for_grad` gives: captured outputs still in the autograd graph.
+
+    Attributes:
+        outputs: entry name (``path``, ``path#k``) -> the output of that call, ``requires_grad``
+            when the model's parameters or the input need gradients.
+        output: the model's own output (logits), or None when the pass stopped after the last
+            wanted layer.
+        input: the input tensor the model saw.
+        image: the picture as the model saw it (None for a tensor input).
+    """
+
+    outputs: dict[str, torch.Tensor]
+    output: Any
+    input: torch.Tensor
+    image: Any = None
+
+
+def capture_for_grad(
+    model: Model | nn.Module,
+    image: Any,
+    *,
+    layers: str | Sequence[str],
+    size: int | tuple[int, int] | None = None,
+    stop_early: bool = True,
+) -> GradCapture:
+    """One forward pass with autograd on, keeping the chosen layers' outputs in the graph, for
+    gradients through them: ``torch.autograd.grad(score, g.outputs["layer4"])`` (class evidence),
+    or the gradient of a channel's activation with respect to the input (channel portraits).
+
+    The same selection and guarantees as :func:`capture` (every hook removed, flags restored, the
+    model computing what it computes without featuremaps, in-place operations unable to change a
+    captured output); ``stop_early`` skips the rest of the pass after the last wanted layer (once
+    the model has run at this input shape), so a portrait never runs the classifier. Nothing is
+    detached, copied to the CPU or reduced. ``image`` may be a preprocessed 4-D tensor (one that
+    requires grad gives gradients with respect to it).
+    """
+    module, info = unwrap_model(model)
+    x, picture = prepare_input(model, image, size=size)
+    x = x.to(module_device(module))
+    with exclusive(module):
+        learned = learned_about(module)
+        paths, calls = split_calls(learned.select(module, layers))
+        outs, result = grad_pass(module, x, paths, stop_early=stop_early, learned=learned)
+    kept: dict[str, torch.Tensor] = {}
+    for path in paths:
+        for k, t in enumerate(outs[path], 1):
+            if path not in calls or k in calls[path]:
+                kept[entry_name(path, k)] = t
+    if not kept:
+        raise LayerError(
+            f"none of {', '.join(paths)} returned a tensor in this pass; use `featuremaps layers MODEL` to see what "
+            "each layer returns"
+        )
+    return GradCapture(outputs=kept, output=result, input=x, image=picture)
 
 
 def _only_calls(entries: tuple[FeatureMap, ...], calls: dict[str, frozenset[int]]) -> tuple[FeatureMap, ...]:

@@ -322,6 +322,7 @@ def run_pass(
     records: list[_Record] = []  # as little work as possible per call: entries are made after the pass
     notes: list[str] = []
     guard = _InplaceGuard()
+    with_stats = reduction is not None and reduction.with_stats
     watched = guard.watched
     pending = guard.pending
     finish = guard.finish
@@ -353,8 +354,7 @@ def run_pass(
             notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
         else:
             if reduction is not None and output.ndim >= 3:
-                name = entry_name(path, call)
-                stats = compute_stats(output, name, kind_of(mod))
+                stats = compute_stats(output, entry_name(path, call), kind_of(mod)) if with_stats else None
                 kept, chans = reduction.apply(output)
                 records.append(_Record(path, call, mod, kept, 0, True, tuple(output.shape), chans, stats))
             elif path in copying:
@@ -451,7 +451,7 @@ def run_pass(
                 r.call,
                 tuple(tensor.shape) if r.shape is None else r.shape,
                 tensor,
-                None if r.stats is None else spec,
+                None if r.shape is None else spec,
                 r.channels,
                 r.stats,
             )
@@ -461,3 +461,55 @@ def run_pass(
         if flat:
             notes.append(f"{len(flat)} outputs without spatial channels (e.g. {flat[0]}) were kept whole, not reduced")
     return tuple(entries), notes
+
+
+def grad_pass(
+    module: nn.Module, x: torch.Tensor, names: Sequence[str], *, stop_early: bool, learned: _Learned
+) -> tuple[dict[str, list[torch.Tensor]], Any]:
+    """One forward pass with autograd on, for gradients through captured outputs (class evidence,
+    channel portraits): the outputs of every call of the modules ``names``, still in the graph,
+    and the model's own output (None when the pass stopped after the last wanted call).
+
+    In-place safety works differently from :func:`run_pass`: the hook hands the model a clone of
+    each captured output, so later in-place operations (a ``ReLU(inplace=True)``, ``out +=
+    identity``) write into the clone while the captured tensor keeps its values, and gradients
+    reach it through the clone (an identity). The model computes exactly what it computes without
+    featuremaps; its flags and hooks are left as they were (``learned``: :func:`learned_about`).
+    """
+    modules = learned.modules
+    wanted = {n: modules[n] for n in names}
+    paths = {id(mod): path for path, mod in modules.items() if path}
+    key = (tuple(x.shape), x.dtype, x.device.type)
+    schedule = learned.schedules.get(key)
+    stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
+    counts: Counter = Counter()
+    outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    fired = 0
+
+    def hook(mod: nn.Module, inputs: Any, output: Any) -> Any:
+        nonlocal fired
+        path = paths.get(id(mod))
+        if path is None:
+            return None
+        counts[path] += 1
+        if path not in wanted or not isinstance(output, torch.Tensor):
+            return None
+        outputs[path].append(output)
+        fired += 1
+        if stop_after is not None and fired >= stop_after:
+            raise _StopForward
+        return output.clone()  # the model goes on with a copy: in-place ops cannot touch the capture
+
+    result = None
+    handle = torch_module.register_module_forward_hook(hook)
+    try:
+        with evaluating(module, modules.values()), torch.enable_grad():
+            try:
+                result = module(x)
+            except _StopForward:
+                result = None
+    finally:
+        handle.remove()
+    if schedule is None and result is not None:
+        learned.schedules[key] = counts
+    return outputs, result

@@ -69,8 +69,11 @@ class FeatureMap:
     def stats(self) -> LayerStats:
         """Numbers of the full output (computed on first use when the full output was kept)."""
         if self._stats is None:
-            if self.reduction is not None:  # pragma: no cover - capture always fills them
-                raise LayerError(f"{self.name}: no statistics were kept for this reduced map")
+            if self.reduction is not None:
+                raise LayerError(
+                    f"{self.name}: no statistics were kept with reduce={self.reduction!r}; capture with another "
+                    "reduction (or none) for the layer's numbers"
+                )
             object.__setattr__(self, "_stats", compute_stats(self.tensor, self.name, self.kind))
         assert self._stats is not None
         return self._stats

@@ -20,14 +20,19 @@ if TYPE_CHECKING:  # pragma: no cover
 REDUCTIONS: tuple[str, ...] = ("mean", "max", "l2", "std")
 #: How top-k channels are ranked.
 RANKINGS: tuple[str, ...] = ("mean", "max")
+#: Per-channel numbers kept instead of maps: for each image and channel its max, mean and where the
+#: max is (the channel atlas's reduction; no per-layer statistics are computed with it).
+CHANNEL_STATS = "channel-stats"
 
 
 @dataclass(frozen=True)
 class Reduction:
     """What to keep of a layer's output.
 
-    ``method`` is one of :data:`REDUCTIONS` (keep one 2-D map per sample) or ``"topk"`` (keep the
-    ``k`` channels of highest ``by`` score, measured on the first sample).
+    ``method`` is one of :data:`REDUCTIONS` (keep one 2-D map per sample), ``"topk"`` (keep the
+    ``k`` channels of highest ``by`` score, measured on the first sample), or
+    :data:`CHANNEL_STATS` (keep ``(N, C, 3)``: each channel's max, mean, and the flat index
+    ``y * W + x`` of its max, see :func:`channel_stats`).
     """
 
     method: str
@@ -40,10 +45,15 @@ class Reduction:
                 raise ReductionError(f"top-k needs k >= 1, got {self.k!r}; write e.g. 'topk:8'")
             if self.by not in RANKINGS:
                 raise ReductionError(f"top-k ranks channels by {' or '.join(RANKINGS)}, not {self.by!r}")
-        elif self.method not in REDUCTIONS:
+        elif self.method not in REDUCTIONS and self.method != CHANNEL_STATS:
             raise ReductionError(
                 f"unknown reduction {self.method!r}; use one of {', '.join(REDUCTIONS)} or 'topk:K[:mean|max]'"
             )
+
+    @property
+    def with_stats(self) -> bool:
+        """Whether a capture computes each layer's numbers (LayerStats) beside this reduction."""
+        return self.method != CHANNEL_STATS
 
     @property
     def spec(self) -> str:
@@ -54,6 +64,8 @@ class Reduction:
         """Reduce a ``(N, C, ...)`` output. Returns the kept tensor and, for top-k, the channel indices."""
         if self.method == "topk":
             return top_channels(output, self.k or 1, by=self.by)
+        if self.method == CHANNEL_STATS:
+            return channel_stats(output), None
         return reduce_channels(output, self.method), None
 
 
@@ -115,3 +127,20 @@ def top_channels(output: "torch.Tensor", k: int, *, by: str = "mean") -> "tuple[
     k = min(k, output.shape[1])
     idx = channel_scores(output, by).topk(k).indices
     return output.index_select(1, idx), tuple(int(i) for i in idx.tolist())
+
+
+def channel_stats(output: "torch.Tensor") -> "torch.Tensor":
+    """``(N, C, ...)`` -> ``(N, C, 3)`` float32: per image and channel the max over space, the mean,
+    and the flat index of the (first) max (``y * W + x`` for a 2-D map; exact as a float32 up to
+    16.7 million positions). One pass for max and index, one for the mean."""
+    flat = output.flatten(2)
+    if not flat.is_floating_point():
+        flat = flat.float()
+    top, where = flat.max(dim=2)
+    return _stack((top, flat.mean(dim=2), where))
+
+
+def _stack(parts: "tuple[torch.Tensor, ...]") -> "torch.Tensor":
+    import torch
+
+    return torch.stack([p.float() for p in parts], dim=-1)
