@@ -312,11 +312,12 @@ def test_a_grayscale_model_gets_grayscale_pictures(tmp_path, monkeypatch):
     assert x.shape == (1, 1, 32, 32) and x[0, 0, 0, 0].item() == pytest.approx((76 / 255 - 0.449) / 0.226, abs=1e-4)
     assert [r.output_shape for r in fm.list_layers(gray, layers="conv")] == [(1, 4, 32, 32)]
     four = fm.load_model(f"{tmp_path / 'others.py'}:Four", weights="random", size=32)
-    with pytest.raises(
-        ModelError, match=r"takes 4 input channels, but a picture gives 3 \(RGB\) or 1 .*\(N, 4, H, W\) tensor"
-    ):
-        fm.capture(four, picture)
-    assert fm.capture(four, torch.zeros(1, 4, 32, 32), layers="conv")["features.0"].shape == (1, 4, 32, 32)
+    x4, _ = four.preprocessing(picture)  # RGB and an opaque alpha plane
+    assert x4.shape == (1, 4, 32, 32) and torch.all(x4[0, 3] == 1.0)
+    assert fm.capture(four, picture, layers="conv")["features.0"].shape == (1, 4, 32, 32)
+    two = fm.models.Preprocessing.for_channels(2).with_size(32)
+    with pytest.raises(ModelError, match=r"takes 2 input channels, but a picture gives 3 \(RGB\), 1 .*\(N, 2, H, W\) tensor"):
+        two(picture)
 
 
 def test_a_skeleton_is_the_architecture_alone():

@@ -34,7 +34,7 @@ import contextlib
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ class _Record:
     shape: tuple[int, ...] | None = None  # the full output's shape, when only a reduction is kept
     channels: tuple[int, ...] | None = None  # top-k channels
     stats: Any = None  # the full output's numbers, when only a reduction is kept
+    view: Any = None  # ((C, H, W), prefix) when a token/channels-last output was read as maps to reduce it
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -208,6 +209,8 @@ class _Learned:
     # (input, selected paths) -> the plain nn.Sequential whose first children a pass may call
     # itself, and those children (see _sequential_plan)
     plans: dict[tuple, "tuple[nn.Sequential, tuple[nn.Module, ...]] | None"] = field(default_factory=dict)
+    # what callers learn once per model (capture keeps the model's token layout here)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def select(self, module: nn.Module, layers: str | Sequence[str] | None) -> list[str]:
         """:func:`select_layers`, remembered."""
@@ -295,6 +298,15 @@ def _hookless(modules: Sequence[nn.Module]) -> bool:
     )
 
 
+def input_key(x: Any) -> tuple:
+    """What a learned schedule depends on: the input's shape, dtype and device (every tensor of a
+    dict or tuple input, for models whose forward takes one)."""
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, x.device.type)
+    items = sorted(x.items()) if isinstance(x, dict) else enumerate(x)
+    return tuple((k, tuple(v.shape), v.dtype, v.device.type) for k, v in items if isinstance(v, torch.Tensor))
+
+
 class _StopForward(Exception):
     """Raised by the last wanted hook to skip the rest of the forward pass."""
 
@@ -308,12 +320,15 @@ def run_pass(
     stop_early: bool = True,
     copy_all: bool = False,
     learned: _Learned,
+    as_maps: Callable[[torch.Tensor], Any] | None = None,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
     """One hooked forward pass of ``module`` (``learned``: what :func:`learned_about` gives for it):
-    the captured entries in execution order, and notes for the user."""
+    the captured entries in execution order, and notes for the user. ``as_maps`` reads an output
+    as ``(N, C, H, W)`` maps (a view with ``.maps`` and ``.prefix``, or None) before it is reduced:
+    a transformer's token outputs are reduced over their channels, not over their tokens."""
     modules = learned.modules
     wanted = {n: modules[n] for n in names}
-    key = (tuple(x.shape), x.dtype, x.device.type)
+    key = input_key(x)
     schedule = learned.schedules.get(key)
     dirty = learned.dirty.get(key, frozenset())
     stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
@@ -354,9 +369,18 @@ def run_pass(
             notes.append(f"{name} ({type(mod).__name__}) returned a {type(output).__name__}, not a tensor: skipped")
         else:
             if reduction is not None and output.ndim >= 3:
-                stats = compute_stats(output, entry_name(path, call), kind_of(mod)) if with_stats else None
-                kept, chans = reduction.apply(output)
-                records.append(_Record(path, call, mod, kept, 0, True, tuple(output.shape), chans, stats))
+                src, view = output, None
+                if as_maps is not None:
+                    read = as_maps(output)
+                    if read is not None:
+                        src = read.maps
+                        view = (
+                            tuple(int(v) for v in src.shape[1:]),
+                            0 if read.prefix is None else read.prefix.shape[1],
+                        )
+                stats = compute_stats(src, entry_name(path, call), kind_of(mod)) if with_stats else None
+                kept, chans = reduction.apply(src)
+                records.append(_Record(path, call, mod, kept, 0, True, tuple(output.shape), chans, stats, view))
             elif path in copying:
                 records.append(_Record(path, call, mod, output.clone(), 0, True))
             else:  # kept by reference: the guard makes an alias before it re-points it (set_)
@@ -426,7 +450,9 @@ def run_pass(
     if plan is not None and not ran:
         # the Sequential was not called the usual way (forward() code called its .forward): hooks, from now on
         learned.plans[(key, tuple(names))] = None
-        return run_pass(module, x, names, reduction, stop_early=stop_early, copy_all=copy_all, learned=learned)
+        return run_pass(
+            module, x, names, reduction, stop_early=stop_early, copy_all=copy_all, learned=learned, as_maps=as_maps
+        )
     if counting:
         learned.schedules[key] = Counter(counts)
     changed = {r.path for r in records if not r.owned and r.tensor._version != r.version}
@@ -435,7 +461,9 @@ def run_pass(
         learned.dirty[key] = dirty | changed
         records.clear()  # let this pass's outputs go before the next one
         watched.clear()
-        return run_pass(module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned)
+        return run_pass(
+            module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned, as_maps=as_maps
+        )
     spec = reduction.spec if reduction is not None else None
     new = FeatureMap._fast
     entries = []
@@ -456,6 +484,8 @@ def run_pass(
                 r.stats,
             )
         )
+        if r.view is not None:  # a token/channels-last output reduced as maps: say what its maps were
+            entries[-1].__dict__.update(spatial=r.view[0], prefix=r.view[1])
     if reduction is not None:
         flat = [e.name for e in entries if e.reduction is None]
         if flat:
@@ -479,7 +509,7 @@ def grad_pass(
     modules = learned.modules
     wanted = {n: modules[n] for n in names}
     paths = {id(mod): path for path, mod in modules.items() if path}
-    key = (tuple(x.shape), x.dtype, x.device.type)
+    key = input_key(x)
     schedule = learned.schedules.get(key)
     stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
     counts: Counter = Counter()

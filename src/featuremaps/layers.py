@@ -88,7 +88,7 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
     """Names among ``candidates`` that ``layers`` asks for, in the candidates' order.
 
     ``layers`` is a kind (``conv``, ``relu``/``act``, ``pool``, ``norm``, ``linear``, ``other``),
-    ``all`` (every leaf module), an exact ``named_modules()`` path, or a glob pattern over the paths
+    ``all`` (every leaf module), ``blocks`` (the repeated blocks of ResNets and transformers), an exact ``named_modules()`` path, or a glob pattern over the paths
     (``features.*``); several may be given as a list or comma-separated. Kind words win over a
     module of the same name; ``name:pool`` selects the module called ``pool``. ``path#k`` selects
     only the k-th call of a module called several times (the key a capture gives that call); it
@@ -110,6 +110,14 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
             wanted.add(token)
         elif low in ("all", "leaf", "leaves"):
             wanted.update(n for n, _ in leaves)
+        elif low in ("block", "blocks"):
+            hits = _blocks(candidates)
+            if not hits:
+                raise LayerError(
+                    "this model has no repeated blocks (ResNet's, a transformer's); use a kind (conv, relu...) or names "
+                    "from `featuremaps layers MODEL`"
+                )
+            wanted.update(hits)
         elif low in KIND_ALIASES:
             kind = KIND_ALIASES[low]
             hits = [n for n, m in leaves if kind_of(m) == kind]
@@ -138,6 +146,21 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
             out.append(n)
         elif n in calls:
             out.extend(entry_name(n, k) for k in sorted(calls[n]))
+    return out
+
+
+def _blocks(candidates: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """The repeated blocks of a model: the children of every ``nn.Sequential``/``nn.ModuleList``
+    whose children are all composite modules of one type (ResNet's BasicBlocks, a ViT's encoder
+    blocks, Swin's and ConvNeXt's stage blocks); a plain stack of layers (VGG's ``features``) has none."""
+    out = []
+    for name, m in candidates:
+        if not isinstance(m, (nn.Sequential, nn.ModuleList)):
+            continue
+        children = list(m.named_children())
+        if children and all(not _is_leaf(c) for _, c in children) and len({type(c) for _, c in children}) == 1:
+            prefix = f"{name}." if name else ""
+            out.extend(prefix + n for n, _ in children)
     return out
 
 

@@ -37,6 +37,14 @@ class FeatureMap:
         tensor: what was kept: the full output, or ``(N, H, W)`` for a reduction, ``(N, k, H, W)`` for top-k.
         reduction: ``None`` when ``tensor`` is the full output, else the reduction's spec.
         channels: for top-k, the original channel index of each kept channel.
+        layout: how ``tensor`` holds its maps: ``None`` (``(N, C, H, W)``, or not spatial),
+            ``"tokens"`` (a transformer's ``(N, L, C)``: ``prefix`` class/distillation/register
+            tokens, then the patch tokens row by row) or ``"nhwc"`` (channels last, as Swin's
+            stages and the LayerNorm inside ConvNeXt blocks); :meth:`maps_tensor` reads any of
+            them as ``(N, C, H, W)``.
+        spatial: ``(C, H, W)`` of the output read as maps, for token and channels-last outputs
+            (also when only a reduction of them was kept); None for plain ``(N, C, H, W)`` outputs.
+        prefix: how many prefix tokens come before the patch tokens (``layout == "tokens"``).
     """
 
     name: str
@@ -50,20 +58,53 @@ class FeatureMap:
     reduction: str | None = None
     channels: tuple[int, ...] | None = None
     _stats: LayerStats | None = field(default=None, repr=False, compare=False)
+    layout: str | None = None
+    spatial: tuple[int, int, int] | None = None
+    prefix: int = 0
 
     # -- what it is ------------------------------------------------------------------------------
     @property
+    def map_shape(self) -> tuple[int, int, int, int] | None:
+        """``(N, C, H, W)`` of the output read as maps (token and channels-last outputs too), or
+        None when it has no maps (a Linear's ``(N, F)``...)."""
+        if self.spatial is not None:
+            return (int(self.shape[0]), *self.spatial)
+        return tuple(int(s) for s in self.shape) if len(self.shape) == 4 else None  # type: ignore[return-value]
+
+    @property
     def is_spatial(self) -> bool:
-        """True for ``(N, C, H, W)`` outputs, the ones that can be drawn as maps."""
-        return len(self.shape) == 4
+        """True for outputs that can be drawn as maps: ``(N, C, H, W)``, and transformer token or
+        channels-last outputs read as such (:attr:`layout`)."""
+        return self.spatial is not None or len(self.shape) == 4
 
     @property
     def num_channels(self) -> int:
+        if self.spatial is not None:
+            return int(self.spatial[0])
         return int(self.shape[1]) if len(self.shape) >= 2 else 1
 
     @property
     def spatial_size(self) -> tuple[int, int] | None:
-        return (int(self.shape[2]), int(self.shape[3])) if self.is_spatial else None
+        shape = self.map_shape
+        return (shape[2], shape[3]) if shape is not None else None
+
+    def maps_tensor(self) -> torch.Tensor:
+        """The kept channel maps as ``(N, C, H, W)`` (``(N, k, H, W)`` after top-k): :attr:`tensor`
+        itself, or a view of it for token (prefix tokens dropped) and channels-last outputs."""
+        t = self.tensor
+        if self.layout == "tokens":
+            _, c, h, w = self.map_shape  # type: ignore[misc]
+            return t[:, self.prefix :].reshape(t.shape[0], h, w, t.shape[-1]).permute(0, 3, 1, 2)
+        if self.layout == "nhwc":
+            return t.permute(0, 3, 1, 2)
+        return t
+
+    def prefix_tokens(self) -> torch.Tensor | None:
+        """The prefix tokens ``(N, P, C)`` (class, distillation, register tokens) of a token output
+        whose full tensor was kept; None otherwise."""
+        if self.layout == "tokens" and self.prefix:
+            return self.tensor[:, : self.prefix]
+        return None
 
     @property
     def stats(self) -> LayerStats:
@@ -74,7 +115,7 @@ class FeatureMap:
                     f"{self.name}: no statistics were kept with reduce={self.reduction!r}; capture with another "
                     "reduction (or none) for the layer's numbers"
                 )
-            object.__setattr__(self, "_stats", compute_stats(self.tensor, self.name, self.kind))
+            object.__setattr__(self, "_stats", compute_stats(self.maps_tensor(), self.name, self.kind))
         assert self._stats is not None
         return self._stats
 
@@ -102,9 +143,11 @@ class FeatureMap:
             raise LayerError(f"{self.name} has no channel {next(i for i in ids if int(i) not in have)}") from None
         if pos == list(range(len(have))):
             return self
-        kept = self.tensor.index_select(1, torch.as_tensor(pos, dtype=torch.long, device=self.tensor.device))
-        return FeatureMap(**{**self._fields(), "tensor": kept, "reduction": "channels",
-                             "channels": tuple(int(i) for i in ids), "_stats": self.stats})  # fmt: skip
+        maps = self.maps_tensor()
+        kept = maps.index_select(1, torch.as_tensor(pos, dtype=torch.long, device=maps.device))
+        return FeatureMap(**{**self._fields(), "tensor": kept, "reduction": "channels", "layout": None,
+                             "spatial": self.map_shape[1:], "channels": tuple(int(i) for i in ids),
+                             "_stats": self.stats})  # fmt: skip
 
     @property
     def batch_size(self) -> int:
@@ -134,7 +177,7 @@ class FeatureMap:
                 f"{self.name} kept only its {self.reduction!r} reduction; capture with reduce=None "
                 "or reduce='topk:K' to keep channel maps"
             )
-        return self.tensor[sample].detach().float().cpu().numpy()
+        return self.maps_tensor()[sample].detach().float().cpu().numpy()
 
     def channel_ids(self) -> tuple[int, ...]:
         """The original index of each channel that :meth:`maps` returns."""
@@ -157,7 +200,7 @@ class FeatureMap:
                     f"{self.name} kept only its {self.reduction!r} reduction, not {method!r}; capture again with reduce={method!r}"
                 )
             return self.tensor[sample].detach().float().cpu().numpy()
-        return reduce_channels(self.tensor[sample : sample + 1], method)[0].detach().float().cpu().numpy()
+        return reduce_channels(self.maps_tensor()[sample : sample + 1], method)[0].detach().float().cpu().numpy()
 
     def cpu(self) -> "FeatureMap":
         """The same entry with its tensor on the CPU."""

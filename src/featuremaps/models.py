@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import timm_models
 from .checkpoints import CHECKPOINT_SUFFIXES, first_line, load_checkpoint
 from .errors import ModelError, WeightsUnavailableError
 from .preprocess import Preprocessing, preprocessing_from_weights
+from .timm_models import is_timm_name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,8 +168,10 @@ def _seeded(seed: int):
 # User models
 # --------------------------------------------------------------------------------------------------
 def is_user_spec(spec: str) -> bool:
-    """``package.module:attr`` or ``path/to/file.py:attr``."""
-    return isinstance(spec, str) and ":" in spec and not spec.startswith(("http:", "https:"))
+    """``package.module:attr`` or ``path/to/file.py:attr`` (not ``timm:NAME``, timm's registry)."""
+    return (
+        isinstance(spec, str) and ":" in spec and not spec.startswith(("http:", "https:")) and not is_timm_name(spec)
+    )
 
 
 def _import_attr(spec: str) -> Any:
@@ -244,7 +248,8 @@ def load_model(
     """Build a model and its preprocessing.
 
     Args:
-        model: a torchvision classifier name (``"vgg16"``), a user model ``"package.module:attr"``
+        model: a torchvision classifier name (``"vgg16"``), a timm model ``"timm:convnext_tiny"``
+            (timm's registry; ``pip install featuremaps[timm]``), a user model ``"package.module:attr"``
             or ``"path/file.py:attr"`` (a class, a factory or an instance), or an ``nn.Module``.
         weights: ``"DEFAULT"`` or a weights name (``"IMAGENET1K_V1"``) via torchvision's weights
             API and cache; ``"random"`` (seeded, no download); or a checkpoint path (``.pth``/``.pt``
@@ -279,6 +284,9 @@ def load_model(
 
     if not isinstance(model, str) or not model.strip():
         raise ModelError(f"a model is a torchvision name, 'package.module:attr' or an nn.Module, not {model!r}")
+
+    if is_timm_name(model):
+        return _load_timm(model, wspec, is_path=is_path, seed=seed, dev=dev, size=size, progress=progress)
 
     if is_user_spec(model):
         if not is_path and wspec.lower() != "random":
@@ -392,6 +400,38 @@ def _pretrained(name: str, enum: Any, progress: bool) -> nn.Module:
     return module
 
 
+def _load_timm(spec: str, wspec: str, *, is_path: bool, seed: int, dev: torch.device, size: Any, progress: bool) -> Model:
+    """A ``timm:NAME`` model: timm's builder and preprocessing; pretrained (its cache, or a
+    download), random (seeded) or a checkpoint file loaded without a random init first."""
+    name = timm_models.check_name(spec)
+    pre = timm_models.preprocessing(name, size)
+    categories = None
+    if is_path:
+        module = timm_models.build(name, meta=True, size=size)
+        load_checkpoint(module, wspec, f"timm:{name}", assign=True)
+        if _unfilled(module):
+            with _seeded(seed):
+                module = timm_models.build(name, size=size)
+            load_checkpoint(module, wspec, f"timm:{name}")
+        wname, trained = f"checkpoint:{wspec}", True
+    elif wspec.lower() == "random":
+        with _seeded(seed):
+            module = timm_models.build(name, size=size)
+        wname, trained = f"random(seed={seed})", False
+    elif wspec.upper() == "DEFAULT":
+        with _download_messages(shown=progress):
+            module = timm_models.pretrained(name, size=size, progress=progress)
+        wname, trained = f"timm:{timm_models.pretrained_cfg(name).tag or 'default'}", True
+        categories = timm_models.categories(name)
+    else:
+        raise ModelError(
+            f"timm:{name} takes weights 'DEFAULT' (timm's pretrained weights; name a tag in the model, "
+            f"e.g. timm:{name.split('.')[0]}.TAG), 'random' or a checkpoint file, not {wspec!r}"
+        )
+    return Model(module=module.eval().to(dev), name=f"timm:{name}", weights=wname, pretrained=trained,
+                 preprocessing=pre, categories=categories)  # fmt: skip
+
+
 def input_channels(module: nn.Module) -> int:
     """How many channels the model's first convolution takes (3 when it has none)."""
     for m in module.modules():
@@ -407,6 +447,11 @@ def skeleton(model: str, *, size: int | tuple[int, int] | None = None) -> Model 
     read or initialised. None for a user's own model (building it runs the user's code)."""
     if not isinstance(model, str) or is_user_spec(model):
         return None
+    if is_timm_name(model):
+        name = timm_models.check_name(model)
+        module = timm_models.build(name, meta=True, size=size).eval()
+        return Model(module=module, name=f"timm:{name}", weights="none (meta)", pretrained=False,
+                     preprocessing=timm_models.preprocessing(name, size))  # fmt: skip
     from torchvision.models import get_model_weights
 
     name = _check_name(model)

@@ -22,8 +22,9 @@ class Preprocessing:
     """How a picture becomes the model's input.
 
     Like the seed, the whole picture is resized to ``size`` (no crop), then normalized with the
-    weights' own mean and std. ``channels`` is what the model's first layer takes: 3 (RGB) or 1
-    (the picture in grayscale, normalized with ImageNet's mean statistics).
+    weights' own mean and std. ``channels`` is what the model's first layer takes: 3 (RGB), 1
+    (the picture in grayscale, normalized with ImageNet's mean statistics) or 4 (RGB and an opaque
+    alpha plane of 1.0, as pictures come in with their transparency composited onto white).
     ``min_size`` applies to the model's input (``size``), not to the picture, which is resized.
     """
 
@@ -39,6 +40,8 @@ class Preprocessing:
         """ImageNet preprocessing for a model whose first layer takes ``channels`` channels."""
         if channels == 1:
             return cls(mean=(sum(IMAGENET_MEAN) / 3,), std=(sum(IMAGENET_STD) / 3,), channels=1)
+        if channels == 4:  # RGB and an opaque alpha plane (1.0), left as it is
+            return cls(mean=(*IMAGENET_MEAN, 0.0), std=(*IMAGENET_STD, 1.0), channels=4)
         return cls(channels=int(channels))
 
     def with_size(self, size: int | tuple[int, int] | None) -> "Preprocessing":
@@ -69,13 +72,15 @@ class Preprocessing:
         """A resized picture -> normalized ``(1, channels, H, W)`` float tensor."""
         import numpy as np
 
-        if self.channels not in (1, 3):
+        if self.channels not in (1, 3, 4):
             raise ModelError(
-                f"this model's first layer takes {self.channels} input channels, but a picture gives 3 (RGB) or 1 "
-                f"(grayscale); pass a preprocessed (N, {self.channels}, H, W) tensor instead of a picture"
+                f"this model's first layer takes {self.channels} input channels, but a picture gives 3 (RGB), 1 "
+                f"(grayscale) or 4 (RGB and alpha); pass a preprocessed (N, {self.channels}, H, W) tensor instead"
             )
         if self.channels == 1:
             arr = torch.from_numpy(np.asarray(resized.convert("L"), dtype=np.uint8).copy())[:, :, None]
+        elif self.channels == 4:
+            arr = torch.from_numpy(np.asarray(resized.convert("RGBA"), dtype=np.uint8).copy())
         else:
             arr = torch.from_numpy(np.asarray(resized.convert("RGB"), dtype=np.uint8).copy())
         x = arr.permute(2, 0, 1).float().div_(255.0)

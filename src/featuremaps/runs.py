@@ -109,6 +109,8 @@ def manifest_for(
                 "dtype": str(e.tensor.dtype).replace("torch.", ""),
                 "reduction": e.reduction,
                 "channels": list(e.channels) if e.channels is not None else None,
+                **({"layout": e.layout} if e.layout else {}),
+                **({"spatial": list(e.spatial), "prefix": e.prefix} if e.spatial is not None else {}),
                 "stats": e.stats.as_dict(),
                 **({"sample_stats": [r.as_dict() for r in e.stats.samples]} if e.stats.samples else {}),
                 "raw": f"maps/{layer_stem(e)}.npy" if raw else None,
@@ -263,6 +265,9 @@ def load_run(folder: str | os.PathLike) -> FeatureMaps:
                 reduction=layer.get("reduction"),
                 channels=tuple(layer["channels"]) if layer.get("channels") is not None else None,
                 _stats=LayerStats.from_dict(layer["stats"], layer.get("sample_stats") or ()),
+                layout=layer.get("layout"),
+                spatial=tuple(layer["spatial"]) if layer.get("spatial") else None,
+                prefix=int(layer.get("prefix", 0)),
             )
         )
     image = None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import render
-from .capture import list_layers
+from .capture import default_layers, list_layers
 from .chains import chain_steps
 from .errors import OptionError
 from .layers import match_layers, select_layers
@@ -69,15 +69,16 @@ def show_pictures(
     options = parse_channels(channels)
     global_range = None
     if render.parse_norm(norm) == "global":
-        global_range = render.value_range([e.tensor for e in spatial], "global")
+        global_range = render.value_range([e.maps_tensor() if e.has_channels else e.tensor for e in spatial], "global")
     total = len(spatial)
     for i, e in enumerate(spatial):
         if e.has_channels:
             layer_options, note = _channels_of(e, options)
+            available = len(e.channel_ids())
             n = (
                 len(layer_options["channels"])
                 if "channels" in layer_options
-                else min(layer_options.get("top_k", e.tensor.shape[1]), e.tensor.shape[1])
+                else min(layer_options.get("top_k", available), available)
             )
             pages = max(1, -(-n // per_page)) if n else 0
             for page in range(pages):
@@ -99,7 +100,7 @@ def show_pictures(
                         im,
                         kind="grid",
                         layer=e.name,
-                        caption=f"{e.name} ({e.type}, {'x'.join(map(str, e.shape[1:]))})"
+                        caption=f"{e.name} ({e.type}, {render.reduced.shape_caption(e)})"
                         + (f", page {page + 1}/{pages}" if pages > 1 else "")
                         + note,
                         channels=tuple(im.info["channels"]),
@@ -131,7 +132,7 @@ def check_show(
     second."""
     check_mode(mode)
     if mode == "network":
-        names = layers or "conv"
+        names = layers or default_layers(model)
     else:
         steps = [n for n, _ in chain_steps(model, mode)]
         modules = dict(unwrap_model(model)[0].named_modules())

@@ -42,22 +42,38 @@ from .common import (
 @app.command("models")
 def models_cmd(
     pattern: Annotated[str | None, typer.Argument(help="Only names containing this text.")] = None,
+    source: Annotated[
+        str, typer.Option("--source", help="torchvision (its classifiers) or timm (timm's registry; use as timm:NAME).")
+    ] = "torchvision",
 ) -> None:
-    """List torchvision's image classifiers (names for --model), and whether their pretrained weights are cached."""
-    from ..models import is_cached, list_models
-
+    """List the models --model takes (torchvision's classifiers, or timm's with --source timm), and
+    whether their pretrained weights are cached."""
     with _user_errors():
+        if source not in ("torchvision", "timm"):
+            raise FeatureMapsError(f"unknown --source {source!r}; use torchvision or timm")
         table = Table(header_style="bold")
         table.add_column("model")
         table.add_column("pretrained weights cached")
-        for name in list_models():
-            if pattern and pattern.lower() not in name:
-                continue
-            try:
-                cached = "yes" if is_cached(name) else "no"
-            except FeatureMapsError:
-                cached = "-"
-            table.add_row(name, cached)
+        if source == "timm":
+            from ..timm_models import cached_file, list_timm_models
+
+            for name in list_timm_models(pattern):
+                try:
+                    cached = "yes" if cached_file(name) else "no"
+                except FeatureMapsError:
+                    cached = "-"
+                table.add_row(f"timm:{name}", cached)
+        else:
+            from ..models import is_cached, list_models
+
+            for name in list_models():
+                if pattern and pattern.lower() not in name:
+                    continue
+                try:
+                    cached = "yes" if is_cached(name) else "no"
+                except FeatureMapsError:
+                    cached = "-"
+                table.add_row(name, cached)
         out.print(table)
 
 

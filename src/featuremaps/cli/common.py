@@ -43,7 +43,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="torchvision classifier name (vgg16, alexnet, resnet50...) or your own package.module:attr / file.py:attr.",
+        help="torchvision classifier name (vgg16, alexnet, resnet50...), timm:NAME (timm:convnext_tiny), or your own package.module:attr / file.py:attr.",
     ),
 ]
 WeightsOpt = Annotated[

@@ -20,12 +20,11 @@ from .canvas import (
     frame,
     line_height,
     map_to_indexes,
-    shape_text,
     text_width,
     wrap,
 )
 from .colors import CAPTION_FONT, HEADER_FONT, MAX_SIDE, MIN_WIDTH, PAD, resolve_cmap
-from .reduced import check_reduce, entries_of, layer_map, ranges_of, scale_footer, scale_line
+from .reduced import check_reduce, entries_of, layer_map, ranges_of, scale_footer, scale_line, shape_caption
 
 
 # -- comparisons ---------------------------------------------------------------------------------------------
@@ -188,7 +187,7 @@ def compare_runs(
             c.a[oy : oy + th, ox : ox + tw] = map_to_indexes(m, th, tw, lo, hi)
             tiles[k].append((ox, oy, ox + tw, oy + th))
             c.text(x, y + tile + 1, e.name, CAPTION_FONT, max_width=tile)
-            c.text(x, y + tile + 1 + cap_lh, f"{e.kind} {shape_text(e.shape[1:])}", CAPTION_FONT, max_width=tile)
+            c.text(x, y + tile + 1 + cap_lh, f"{e.kind} {shape_caption(e)}", CAPTION_FONT, max_width=tile)
             if per_tile:
                 which = "" if channel is None or isinstance(channel, int) else f"ch {per_column[j]} "
                 scale = f"{which}[{fmt_number(lo)}, {fmt_number(hi)}]"

@@ -369,7 +369,9 @@ def _grid_canvas(
     items = [
         f"{fmap.name}",
         f"{fmap.kind} · {fmap.type}",
-        f"output {shape_text(fmap.shape)}" + (f" (sample {sample})" if fmap.shape[0] > 1 else ""),
+        f"output {shape_text(fmap.shape)}"
+        + (f" read as {shape_text(fmap.map_shape[1:])} maps" if fmap.map_shape[1:] != tuple(fmap.shape[1:]) else "")
+        + (f" (sample {sample})" if fmap.shape[0] > 1 else ""),
         what,
         f"{H}x{W} maps shown at {th}x{tw} px" if (th, tw) != (H, W) else "",
         _scale_note(

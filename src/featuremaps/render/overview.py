@@ -12,10 +12,10 @@ from PIL import Image
 from ..errors import RenderError
 from ..maps import FeatureMap, FeatureMaps
 from ..options import parse_norm
-from .canvas import Canvas, colorbar_height, fit_box, frame, line_height, map_to_indexes, shape_text, wrap
+from .canvas import Canvas, colorbar_height, fit_box, frame, line_height, map_to_indexes, wrap
 from .colors import CAPTION_FONT, HEADER_FONT, MAX_SIDE, MIN_WIDTH, PAD, RESERVED_H, resolve_cmap
 from .grid import grid_layout
-from .reduced import check_reduce, entries_of, layer_map, ranges_of, scale_footer, scale_line
+from .reduced import check_reduce, entries_of, layer_map, ranges_of, scale_footer, scale_line, shape_caption
 
 
 def overview(
@@ -80,7 +80,7 @@ def overview(
         c.text(x, y + tile + 1, e.name, CAPTION_FONT, max_width=tile)
         method = pairs[i][1]
         extra = "" if method.startswith(f"channel {reduce}") else f" [{method.split()[1]}]"
-        c.text(x, y + tile + 1 + cap_lh, f"{e.kind} {shape_text(e.shape[1:])}{extra}", CAPTION_FONT, max_width=tile)
+        c.text(x, y + tile + 1 + cap_lh, f"{e.kind} {shape_caption(e)}{extra}", CAPTION_FONT, max_width=tile)
     scale_footer(c, header_h + rows * cell_h + 2, spec, div, rngs)
     im = c.image(cmap)
     im.info["tiles"] = boxes

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import RenderError
 from ..maps import FeatureMap
 from ..reduce import REDUCTIONS
-from .canvas import Canvas, fmt_number
+from .canvas import Canvas, fmt_number, shape_text
 from .colors import PAD, finish_range, finite_minmax
 
 
@@ -20,6 +20,17 @@ def check_reduce(reduce: str) -> str:
     if reduce not in REDUCTIONS:
         raise RenderError(f"unknown reduce {reduce!r}; use one of {', '.join(REDUCTIONS)}")
     return reduce
+
+
+def shape_caption(fmap: FeatureMap) -> str:
+    """A map's shape for captions: ``CxHxW``, and for a token or channels-last output what it was
+    (``768x14x14 from 197x768 tokens``)."""
+    if fmap.spatial is None or fmap.map_shape == tuple(fmap.shape):
+        return shape_text(fmap.shape[1:])
+    maps = shape_text(fmap.map_shape[1:])
+    if len(fmap.shape) == 3:
+        return f"{maps} from {shape_text(fmap.shape[1:])} tokens"
+    return f"{maps} from {shape_text(fmap.shape[1:])} (channels last)"
 
 
 def layer_map(fmap: FeatureMap, reduce: str, channel: int | None, sample: int) -> tuple[np.ndarray, str]:
