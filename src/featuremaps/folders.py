@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -182,13 +183,23 @@ def atomic_folder(folder: str | os.PathLike, *, overwrite: bool = False) -> Iter
         else:
             tmp.rename(target)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         if isinstance(exc, RunError):
             raise
         raise RunError(f"cannot write {target}: {exc.strerror or exc}; check the path and free disk space") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _remove(folder: Path) -> None:
+    """Remove a temporary folder of ours completely: again if a write still in flight added a file
+    while it was being removed (a thread finishing its file after Ctrl-C)."""
+    for _ in range(5):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not folder.exists():
+            return
+        time.sleep(0.05)
 
 
 def write_manifest(root: Path, manifest: Mapping[str, Any], *, kind: str) -> dict[str, Any]:

@@ -195,8 +195,13 @@ def write_run(
         (root / "maps").mkdir(parents=True, exist_ok=True)
         jobs += [lambda e=e: _write_raw(e, root) for e in maps.entries]
     with _pool() as pool:  # PNG encoding and file writes release the GIL: a few at a time
-        for done in [pool.submit(job) for job in jobs]:
-            done.result()
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            for done in futures:
+                done.result()
+        except BaseException:  # Ctrl-C, kill -TERM, a failed write: no more files into this folder
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     for rel, content in (files or {}).items():
         dest = root / _check_relpath(rel)
         dest.parent.mkdir(parents=True, exist_ok=True)

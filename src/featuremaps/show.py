@@ -4,17 +4,20 @@ folder)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from torch import nn
 
 from . import render
+from .cam import CamResult, cam_files, cam_manifest, cam_pictures, cam_section
 from .capture import default_layers, list_layers
 from .chains import chain_steps
 from .errors import OptionError
 from .layers import match_layers, select_layers
-from .maps import FeatureMaps
+from .maps import FeatureMap, FeatureMaps
 from .models import Model, unwrap_model
 from .options import check_mode, check_save_maps, parse_channels
 from .report import Section, build_report
@@ -31,6 +34,7 @@ def show_pictures(
     channels: str | None = "all",
     per_page: int = 512,
     progress=None,
+    cam: CamResult | None = None,
 ) -> list[Picture]:
     """Every picture of a run: the overview, an overlay of the deepest spatial layer on the input,
     one channel grid per spatial layer (pages of ``per_page`` channels), and the first conv
@@ -71,43 +75,37 @@ def show_pictures(
     if render.parse_norm(norm) == "global":
         global_range = render.value_range([e.maps_tensor() if e.has_channels else e.tensor for e in spatial], "global")
     total = len(spatial)
-    for i, e in enumerate(spatial):
-        if e.has_channels:
-            layer_options, note = _channels_of(e, options)
-            available = len(e.channel_ids())
-            n = (
-                len(layer_options["channels"])
-                if "channels" in layer_options
-                else min(layer_options.get("top_k", available), available)
-            )
-            pages = max(1, -(-n // per_page)) if n else 0
-            for page in range(pages):
-                im = render.channel_grid(
-                    e,
-                    cmap=cmap,
-                    norm=norm,
-                    page=page,
-                    per_page=per_page,
-                    global_range=global_range,
-                    global_layers=len(spatial),
-                    palette=True,
-                    **layer_options,
-                )
-                suffix = f"_p{page + 1}" if pages > 1 else ""
-                pics.append(
-                    Picture(
-                        f"grids/{layer_stem(e)}{suffix}.png",
-                        im,
-                        kind="grid",
-                        layer=e.name,
-                        caption=f"{e.name} ({e.type}, {render.reduced.shape_caption(e)})"
-                        + (f", page {page + 1}/{pages}" if pages > 1 else "")
-                        + note,
-                        channels=tuple(im.info["channels"]),
-                    )
-                )
-        if progress:
-            progress(i + 1, total)
+
+    def grids_of(e: FeatureMap) -> list[Picture]:
+        if not e.has_channels:
+            return []
+        layer_options, note = _channels_of(e, options)
+        available = len(e.channel_ids())
+        n = (
+            len(layer_options["channels"])
+            if "channels" in layer_options
+            else min(layer_options.get("top_k", available), available)
+        )
+        pages = max(1, -(-n // per_page)) if n else 0
+        out = []
+        for page in range(pages):
+            im = render.channel_grid(
+                e, cmap=cmap, norm=norm, page=page, per_page=per_page, global_range=global_range,
+                global_layers=len(spatial), palette=True, **layer_options,
+            )  # fmt: skip
+            suffix = f"_p{page + 1}" if pages > 1 else ""
+            caption = f"{e.name} ({e.type}, {render.reduced.shape_caption(e)})"
+            caption += (f", page {page + 1}/{pages}" if pages > 1 else "") + note
+            out.append(Picture(f"grids/{layer_stem(e)}{suffix}.png", im, kind="grid", layer=e.name, caption=caption,
+                               channels=tuple(im.info["channels"])))  # fmt: skip
+        return out
+
+    # layers drawn a few at a time (numpy releases the GIL), in layer order
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        for i, made in enumerate(pool.map(grids_of, spatial)):
+            pics.extend(made)
+            if progress:
+                progress(i + 1, total)
     module = getattr(model, "module", model)
     if isinstance(module, nn.Module):
         first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
@@ -115,6 +113,8 @@ def show_pictures(
             pics.append(
                 Picture("filters.png", render.filters(first), kind="filters", caption="the first conv layer's filters")
             )
+    if cam is not None:  # class evidence (featuremaps.cam): the map over the input, the channels behind it
+        pics.extend(cam_pictures(cam, maps))
     return pics
 
 
@@ -182,8 +182,8 @@ def run_title(maps) -> tuple[str, str | None]:
     return title, warning
 
 
-def show_report(maps, pictures: Sequence[Picture], *, source: str = "") -> str:
-    """The ``index.html`` of a ``show`` run folder."""
+def show_report(maps, pictures: Sequence[Picture], *, source: str = "", cam: CamResult | None = None) -> str:
+    """The ``index.html`` of a ``show`` run folder (with a CAM, its section after the overview)."""
     title, warning = run_title(maps)
     by_kind: dict[str, list[Picture]] = {}
     for p in pictures:
@@ -201,6 +201,8 @@ def show_report(maps, pictures: Sequence[Picture], *, source: str = "") -> str:
         Section("Channels of each layer", pictures=by_kind.get("grid", [])[:4], folded=by_kind.get("grid", [])[4:]),
         Section("Filters", pictures=by_kind.get("filters", [])),
     ]
+    if cam is not None:
+        sections.insert(1, cam_section(cam, pictures))
     meta = {
         "model": maps.model,
         "weights": maps.weights,
@@ -264,6 +266,7 @@ def save_show(
     save_maps: str = "none",
     progress=None,
     announce: Callable[[WriteSize], None] | None = None,
+    cam: CamResult | None = None,
     **options,
 ):
     """Write the whole ``show`` folder: pictures, ``index.html``, ``manifest.json`` and, with
@@ -271,10 +274,11 @@ def save_show(
     :func:`~featuremaps.runs.load_run`). The default ``none`` keeps none: the pictures and the
     manifest's numbers are what the report shows, while raw maps cost 4 bytes per value (1.6 GB
     for VGG16's conv-relu chain at 224x224). ``announce`` is told the sizes before anything is
-    written."""
-    pictures = encode_pictures(show_pictures(maps, model=model, progress=progress, **options))
+    written. ``cam`` (a :class:`~featuremaps.cam.CamResult`) adds its pictures, report section,
+    ``cam.npy`` and the manifest's ``"cam"`` key."""
+    pictures = encode_pictures(show_pictures(maps, model=model, progress=progress, cam=cam, **options))
     kept = kept_maps(maps, pictures, save_maps)
-    html_text = show_report(maps, pictures, source=source)
+    html_text = show_report(maps, pictures, source=source, cam=cam)
     size = WriteSize(
         sum(len(p.encoded()) for p in pictures), raw_nbytes(kept) if kept is not None else 0, len(html_text)
     )
@@ -284,12 +288,13 @@ def save_show(
         "source": source,
         "save_maps": save_maps,
         "render": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
+        **({"cam": cam_manifest(cam)} if cam is not None else {}),
     }
     return save_run(
         kept if kept is not None else maps,
         folder,
         pictures=pictures,
-        files={"index.html": html_text},
+        files={"index.html": html_text, **(cam_files(cam) if cam is not None else {})},
         extra=extra,
         raw=kept is not None,
         overwrite=overwrite,
