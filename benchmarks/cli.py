@@ -63,10 +63,26 @@ def main() -> None:
         root = Path(tmp)
         ckpt = root / "vgg16.pth"
         subprocess.run(
-            [sys.executable, "-c", f"import torch, torchvision; torch.save(torchvision.models.vgg16().state_dict(), {str(ckpt)!r})"],
+            [
+                sys.executable,
+                "-c",
+                f"import torch, torchvision; torch.save(torchvision.models.vgg16().state_dict(), {str(ckpt)!r})",
+            ],
             check=True,
         )
-        show = [exe, "show", "edge", "--model", "vgg16", "--weights", str(ckpt), "--out", str(root / "run"), "--force", "-q"]
+        show = [
+            exe,
+            "show",
+            "edge",
+            "--model",
+            "vgg16",
+            "--weights",
+            str(ckpt),
+            "--out",
+            str(root / "run"),
+            "--force",
+            "-q",
+        ]
         plain = [sys.executable, "-c", PLAIN.format(ckpt=str(ckpt))]
         helper = [exe, "--help"]
         for cmd in (show, plain, helper):  # warm the page cache and Python's bytecode cache

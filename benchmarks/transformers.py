@@ -66,7 +66,9 @@ def main() -> None:
         return
     runs = []
     for _ in range(args.processes):
-        r = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), CHILD], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--repeats", str(args.repeats), CHILD], capture_output=True, text=True
+        )
         if r.returncode != 0:
             raise SystemExit(r.stderr[-600:])
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))

@@ -746,7 +746,7 @@ def test_channel_stats_in_the_hook_equal_those_of_the_full_maps():
         where = s.tensor[..., 2].long()
         assert torch.equal(flat.gather(2, where[..., None])[..., 0], flat.amax(dim=2))  # the max sits there
         with pytest.raises(LayerError, match="no statistics were kept with reduce='channel-stats'"):
-            s.stats
+            _ = s.stats
 
 
 def test_capture_for_grad_gives_the_gradients_of_the_real_computation():

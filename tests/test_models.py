@@ -316,7 +316,9 @@ def test_a_grayscale_model_gets_grayscale_pictures(tmp_path, monkeypatch):
     assert x4.shape == (1, 4, 32, 32) and torch.all(x4[0, 3] == 1.0)
     assert fm.capture(four, picture, layers="conv")["features.0"].shape == (1, 4, 32, 32)
     two = fm.models.Preprocessing.for_channels(2).with_size(32)
-    with pytest.raises(ModelError, match=r"takes 2 input channels, but a picture gives 3 \(RGB\), 1 .*\(N, 2, H, W\) tensor"):
+    with pytest.raises(
+        ModelError, match=r"takes 2 input channels, but a picture gives 3 \(RGB\), 1 .*\(N, 2, H, W\) tensor"
+    ):
         two(picture)
 
 

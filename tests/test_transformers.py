@@ -92,7 +92,10 @@ def test_timm_pretrained_offline_names_what_to_download(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tm, "_reachable", lambda host, timeout=3.0: False)  # offline, fast
     monkeypatch.setattr(tm, "cached_file", lambda name: None)
-    with pytest.raises(WeightsUnavailableError, match=r"timm:resnet18 are not cached and cannot be downloaded.*huggingface-cli download timm/resnet18.a1_in1k.*random"):
+    with pytest.raises(
+        WeightsUnavailableError,
+        match=r"timm:resnet18 are not cached and cannot be downloaded.*huggingface-cli download timm/resnet18.a1_in1k.*random",
+    ):
         fm.load_model("timm:resnet18", weights="DEFAULT")
 
 
@@ -108,7 +111,9 @@ def test_timm_checkpoint_round_trip(tmp_path):
 
 
 def test_attention_maps_per_head_and_rollout(vit):
-    a = capture_attention(vit, "sample:chelsea", blocks=["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_11"])
+    a = capture_attention(
+        vit, "sample:chelsea", blocks=["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_11"]
+    )
     assert list(a.probabilities) == ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_11"]
     probs = a.probabilities["encoder.layers.encoder_layer_11"]
     assert probs.shape == (1, 12, 197, 197) and torch.allclose(probs.sum(-1), torch.ones(1, 12, 197), atol=1e-5)
@@ -140,7 +145,9 @@ def test_a_batch_of_pictures_and_a_model_with_dict_input_and_output():
     maps = fm.capture(net, {"pixels": pixels}, layers="conv")
     assert maps["conv"].shape == (2, 4, 16, 16) and maps.input_size == (16, 16)
     assert torch.allclose(maps["conv"].tensor, net.conv(pixels))
-    batch = fm.capture(fm.load_model("alexnet", weights="random", size=64), ["sample:edge", "sample:chelsea"], layers="conv")
+    batch = fm.capture(
+        fm.load_model("alexnet", weights="random", size=64), ["sample:edge", "sample:chelsea"], layers="conv"
+    )
     assert batch["features.0"].shape[0] == 2 and len(batch.stats()) == 2 * 5
 
 

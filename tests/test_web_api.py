@@ -281,12 +281,17 @@ def test_etag_and_304(client, run):
     assert client.get(f"/api/runs/{run['id']}").headers["cache-control"] == "no-store"
 
 
-def test_maps_are_read_back_from_disk_when_dropped_from_memory(client, app, run):
+def test_runs_are_read_back_from_disk_when_dropped_from_memory(client, app, run):
     before = forward_passes(client)
-    app.state.viewer.maps_cache.drop(run["id"])
-    r = client.get(f"/api/runs/{run['id']}/layers/4/channels/11.png?cmap=inferno")
-    assert _png(r).size == (3, 3)
-    assert run["id"] in app.state.viewer.maps_cache
+    viewer = app.state.viewer
+    url = f"/api/runs/{run['id']}/layers/4/channels/11.png?cmap=inferno"
+    first = _png(client.get(url))
+    viewer.cache.drop(lambda key: key[0] == run["id"])
+    viewer.png_cache.drop_prefix(run["id"] + "|")
+    assert (run["id"], "data") not in viewer.cache
+    again = _png(client.get(url))
+    assert again.size == (3, 3) and np.array_equal(np.asarray(first), np.asarray(again))
+    assert (run["id"], "data") in viewer.cache
     assert forward_passes(client) == before
 
 
@@ -694,16 +699,16 @@ class _FakeServer:
 
 
 @pytest.mark.parametrize(("host", "warns"), [("127.0.0.1", False), ("0.0.0.0", True)])
-def test_serve_picks_a_port_prints_the_address_and_warns_off_loopback(monkeypatch, capsys, host, warns):
+def test_serve_picks_a_port_prints_the_address_and_warns_off_loopback(monkeypatch, capsys, tmp_path, host, warns):
     fake = _FakeServer()
     made = {}
 
-    def fake_server(app, log_level):
+    def fake_server(app, log_level, **options):
         made["app"] = app
         return fake
 
     monkeypatch.setattr(web_server, "_uvicorn_server", fake_server)
-    web_server.serve(host=host, port=0, models=("alexnet",), weights=("random",))
+    web_server.serve(host=host, port=0, models=("alexnet",), weights=("random",), run_dir=tmp_path)
     out, err = capsys.readouterr()
     assert "featuremaps viewer: http://127.0.0.1:" in out
     port = int(out.strip().rsplit(":", 1)[1].rstrip("/"))
@@ -721,3 +726,74 @@ def test_is_loopback():
 def test_run_dir_path_is_kept(tmp_path):
     app = create_app(models=("alexnet",), weights=("random",), run_dir=tmp_path / "nested" / "runs")
     assert Path(app.state.run_dir).is_dir()
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 12: the viewer draws with the renderer's own rules (channel choice, scale text, comparisons)
+# --------------------------------------------------------------------------------------------------
+INF_MODEL = """
+import torch
+from torch import nn
+
+def build():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():  # planted: each channel a constant, channel 2 all +inf
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([1.0, 2.0, float("inf"), 0.5]))
+    return nn.Sequential(conv, nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+"""
+
+
+def test_grid_json_names_the_channels_the_picture_shows_also_with_inf(tmp_path):
+    (tmp_path / "infmodel.py").write_text(INF_MODEL)
+    spec = f"{tmp_path / 'infmodel.py'}:build"
+    app = create_app(models=(spec,), weights=("random",), run_dir=tmp_path / "runs")
+    with TestClient(app) as c:
+        done = wait_done(c, start_run(c, model=spec, size="32", layers="0")["id"])
+        assert done["state"] == "done", done
+        layout = c.get(f"/api/runs/{done['id']}/layers/0/grid.json?top_k=2").json()
+        picture = _png(c.get(f"/api/runs/{done['id']}/layers/0/grid.png?top_k=2"))
+        stored = runs.load_run(tmp_path / "runs" / done["id"])
+    from featuremaps import render
+
+    drawn = render.channel_grid(stored.entries[0], top_k=2, page=0, per_page=128)
+    assert layout["channels"] == drawn.info["channels"] == [1, 0]  # the +inf channel has no finite mean
+    assert picture.size == drawn.size
+
+
+def test_grid_json_says_the_scale_the_header_writes(client, run):
+    base = f"/api/runs/{run['id']}/layers/2"
+    layout = client.get(f"{base}/grid.json?norm=global").json()
+    spatial = sum(1 for layer in run["layers"] if layer["spatial"])
+    lo = min(layer["stats"]["min"] for layer in run["layers"] if layer["spatial"])
+    hi = max(layer["stats"]["max"] for layer in run["layers"] if layer["spatial"])
+    assert layout["scale_note"].startswith("scale: one global range [")
+    assert layout["scale_note"].endswith(f"across {spatial} layers")
+    assert layout["scale"] == pytest.approx([0.0 if lo >= 0 else lo, hi])
+    channel = client.get(f"{base}/channels/0.json?norm=global").json()
+    assert channel["scale"] == pytest.approx(layout["scale"]) and channel["scale_layers"] == spatial
+    assert client.get(f"{base}/grid.json?norm=layer").json()["scale_note"].startswith("scale: one range for the layer")
+
+
+def test_compare_shows_one_kind_per_row_as_the_library_draws_it(client, run):
+    from featuremaps import render
+    from featuremaps.capture import capture
+    from featuremaps.models import load_model
+
+    relu = wait_done(client, start_run(client, mode="conv-relu")["id"])
+    assert relu["state"] == "done", relu
+    kinds = {layer["kind"] for layer in relu["layers"]}
+    assert kinds == {"conv", "act"}
+    got = _png(client.get(f"/api/compare.png?runs={run['id']},{relu['id']}"))
+    model = load_model("alexnet", "random").with_size(64)  # the same seeded weights as the viewer's
+    expected = render.compare_runs(
+        {
+            "A: alexnet": capture(model, "sample:chelsea", layers="conv"),
+            "B: alexnet": capture(model, "sample:chelsea", mode="conv-relu"),
+        },
+        tile_size=96,
+    )
+    assert all(name in {"features.1", "features.4", "features.7", "features.9", "features.11"}
+               for name in expected.info["columns"]["B: alexnet"])  # fmt: skip
+    assert got.size == expected.size
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))

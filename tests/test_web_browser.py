@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from featuremaps.web import create_app
+from featuremaps.web.caches import process_rss
 from featuremaps.web.server import ServerThread
 
 pytestmark = pytest.mark.browser
@@ -59,6 +60,9 @@ def server(tmp_path_factory):
         weights=("random",),
         run_dir=tmp_path_factory.mktemp("runs"),
         max_cached_models=2,
+        # room for VGG16's runs above what this test process already holds (in a whole test session,
+        # gigabytes): these tests are about the page, not the budget (tests/test_web_limits.py)
+        max_memory=process_rss() + 4 * 2**30,
     )
     with ServerThread(app) as url:
         yield app, url
@@ -182,7 +186,10 @@ def test_upload_browse_and_redraw_without_rerunning(server, page, tmp_path):
     thumbs_after = [img_src(page, f".strip .card:nth-child({i + 1}) img") for i in range(5)]
     assert all(t1 != t2 and "norm=global" in t2 for t1, t2 in zip(thumbs_before, thumbs_after))
     assert img_src(page, ".c-img") != channel_before and img_src(page, ".grid-img") != grid_src
-    page.wait_for_function("() => document.querySelector('.s-mid').textContent.includes('all layers')")
+    # the same words as the grid's header: one global range across the run's 5 layers
+    page.wait_for_function(
+        "() => document.querySelector('.s-mid').textContent.includes('global range across 5 layers')"
+    )
     page.select_option("#cmap", "magma")
     wait_img(page, ".grid-img", "cmap=magma")
     page.select_option("#reduce", "max")

@@ -53,6 +53,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["read_state_dict"], "checkpoints"),
     **dict.fromkeys(["REDUCTIONS", "Reduction", "parse_reduction"], "reduce"),
     **dict.fromkeys(["load_run", "save_run"], "runs"),
+    **dict.fromkeys(["Portraits", "portrait"], "portrait"),
+    **dict.fromkeys(["CamResult", "cam"], "cam"),
+    **dict.fromkeys(["Atlas", "AtlasError", "atlas", "open_atlas"], "atlas"),
 }
 
 __all__ = [
@@ -60,6 +63,9 @@ __all__ = [
     "KINDS",
     "MODES",
     "REDUCTIONS",
+    "Atlas",
+    "AtlasError",
+    "CamResult",
     "FeatureMap",
     "FeatureMaps",
     "FeatureMapsError",
@@ -71,6 +77,7 @@ __all__ = [
     "Model",
     "ModelError",
     "OptionError",
+    "Portraits",
     "Preprocessing",
     "Reduction",
     "RenderError",
@@ -78,6 +85,8 @@ __all__ = [
     "StatsTable",
     "WeightsUnavailableError",
     "__version__",
+    "atlas",
+    "cam",
     "capture",
     "capture_for_grad",
     "edge_image",
@@ -90,7 +99,9 @@ __all__ = [
     "load_image",
     "load_model",
     "load_run",
+    "open_atlas",
     "parse_reduction",
+    "portrait",
     "prepare_input",
     "read_state_dict",
     "save_run",
@@ -104,8 +115,13 @@ class _Package(types.ModuleType):
 
     def __getattr__(self, name: str) -> Any:
         where = _EXPORTS.get(name)
-        if where is None:
-            raise AttributeError(f"module 'featuremaps' has no attribute {name!r}")
+        if where is None:  # a submodule not imported yet (featuremaps.render, featuremaps.models...)
+            try:
+                return importlib.import_module(f".{name}", __name__)
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{__name__}.{name}":
+                    raise
+                raise AttributeError(f"module 'featuremaps' has no attribute {name!r}") from None
         value = getattr(importlib.import_module(f".{where}", __name__), name)
         types.ModuleType.__setattr__(self, name, value)
         return value
@@ -122,6 +138,8 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .atlas import Atlas, AtlasError, atlas, open_atlas
+    from .cam import CamResult, cam
     from .capture import GradCapture, LayerInfo, capture, capture_for_grad, list_layers, prepare_input
     from .chains import CHAINS, find_conv_stack
     from .checkpoints import read_state_dict
@@ -140,6 +158,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .maps import FeatureMap, FeatureMaps
     from .models import Model, is_cached, list_models, load_model
     from .options import MODES
+    from .portrait import Portraits, portrait
     from .preprocess import Preprocessing
     from .reduce import REDUCTIONS, Reduction, parse_reduction
     from .runs import load_run, save_run

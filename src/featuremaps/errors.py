@@ -21,7 +21,8 @@ it is (exit code 1) and the web viewer sends it as ``{"detail": ...}`` with the 
         ├── NotFound         no such layer, channel or file (404)
         ├── UnknownRun       no such run (404)
         ├── NotReady         the run has no maps yet (409)
-        ├── TooLarge         a run over the viewer's memory or disk budget (413)
+        ├── SlowClient       a request that does not arrive in time (408)
+        ├── TooLarge         a run over the viewer's memory or disk budget, an upload over its limit (413)
         └── Busy             too many runs waiting (429)
 """
 
@@ -93,6 +94,10 @@ class UnknownRun(_OneLine, ViewerError, KeyError):
 
 class NotReady(ViewerError):
     """The run has no maps (yet): queued, running or failed (HTTP 409)."""
+
+
+class SlowClient(ViewerError):
+    """A request (its body) did not arrive within the viewer's time limit (HTTP 408)."""
 
 
 class TooLarge(ViewerError):

@@ -16,7 +16,10 @@ import io
 import math
 import os
 import re
+import socket
 import struct
+import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -36,6 +39,9 @@ MAX_PIXELS: int = 64_000_000
 MAX_DOWNLOAD_BYTES: int = 50 * 1024 * 1024
 #: Seconds to wait for a URL to connect or send data.
 URL_TIMEOUT: float = 10.0
+#: Seconds a whole URL download may take, connecting, headers and body together (a server that
+#: sends a byte every few seconds never trips :data:`URL_TIMEOUT`, which counts per wait).
+URL_DEADLINE: float = 60.0
 
 #: Photographs bundled in ``featuremaps/samples/``: sample name -> file name.
 SAMPLE_FILES: dict[str, str] = {
@@ -226,12 +232,17 @@ def load_image(
     name: str | None = None,
     max_pixels: int = MAX_PIXELS,
     min_size: int = 1,
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
     """Load ``source`` as a fully decoded 8-bit RGB PIL image, EXIF orientation applied.
 
     ``name`` replaces the source's name in error messages. Images with more than ``max_pixels``
     pixels are refused before decoding; images narrower or shorter than ``min_size`` are refused.
-    Transparent pixels are composited onto white. Raises :class:`ImageError` for every problem.
+    Transparent pixels are composited onto white. ``draft=(w, h)``: a JPEG is decoded at the
+    smallest of its reduced scales (1/2, 1/4, 1/8, Pillow's ``draft``) that is still at least
+    ``w x h``, which costs a fraction of the memory and time of a full decode when the picture is
+    about to be resized anyway (see :func:`decoded_size`); other formats are decoded in full.
+    Raises :class:`ImageError` for every problem.
     """
     label = _one_line(name) if name else _label(source)
     if isinstance(source, str) and source.startswith(_SAMPLE_PREFIX):
@@ -239,19 +250,19 @@ def load_image(
         if key == "edge":
             image = edge_image(224)
         else:
-            image = _decode(io.BytesIO(_read_sample(key)), label, max_pixels)
+            image = _decode(io.BytesIO(_read_sample(key)), label, max_pixels, draft)
     elif _is_url(source):
         data = _fetch(source.strip(), label)
-        image = _decode_bytes(data, label, max_pixels)
+        image = _decode_bytes(data, label, max_pixels, draft)
     elif isinstance(source, str) and _OTHER_SCHEME.match(source):
         raise ImageError(
             f"{_one_line(source, 200)} is not an http:// or https:// URL — download the image "
             "and pass its file path, or use an http(s) URL"
         )
     elif isinstance(source, (str, os.PathLike)):
-        image = _load_path(source, label, max_pixels)
+        image = _load_path(source, label, max_pixels, draft)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = _decode_bytes(bytes(source), label, max_pixels)
+        image = _decode_bytes(bytes(source), label, max_pixels, draft)
     elif isinstance(source, Image.Image):
         image = _from_pil(source, label, max_pixels)
     elif isinstance(source, np.ndarray):
@@ -259,7 +270,7 @@ def load_image(
     elif _is_torch_tensor(source):
         image = _from_array(_tensor_to_numpy(source), label, max_pixels)
     elif hasattr(source, "read"):
-        image = _decode_bytes(_read_stream(source, label), label, max_pixels)
+        image = _decode_bytes(_read_stream(source, label), label, max_pixels, draft)
     else:
         raise ImageError(f"cannot load an image from an object of type {type(source).__name__} — pass {_ACCEPTED}")
     _check_min_size(image, label, min_size)
@@ -283,7 +294,53 @@ def _check_pixels(size: tuple[int, int], label: str, max_pixels: int) -> None:
         )
 
 
-def _load_path(source: str | os.PathLike[str], label: str, max_pixels: int) -> Image.Image:
+def decoded_size(
+    data: bytes, *, name: str | None = None, max_pixels: int = MAX_PIXELS, draft: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """The ``(width, height)`` that :func:`load_image` ``(data, draft=draft)`` decodes ``data`` to,
+    read from the image's header without decoding it: what the decode will cost in memory is
+    known before it starts (about 3 bytes per pixel, twice while converting).
+
+    Raises:
+        ImageError: not an image, empty, or over ``max_pixels`` (the same messages as :func:`load_image`).
+    """
+    label = _one_line(name) if name else _label(data)
+    if not data:
+        raise ImageError(f"{label} {_is(label)} empty (0 bytes) — send the image file's contents")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_pixels(image.size, label, max_pixels)
+                _apply_draft(image, draft)
+                return (int(image.size[0]), int(image.size[1]))
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"{label} {_is(label)} too large to decode safely ({_one_line(exc, 200)}) — resize it first"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(_not_an_image(label)) from None
+    except _DECODE_ERRORS as exc:
+        raise ImageError(_corrupt(label, exc)) from None
+
+
+def _apply_draft(image: Image.Image, draft: tuple[int, int] | None) -> None:
+    """Ask a JPEG for its smallest reduced scale that still covers ``draft`` (before decoding)."""
+    if draft is None or image.format != "JPEG":
+        return
+    w, h = (max(1, int(v)) for v in draft)
+    image.draft(None, (w, h))
+
+
+def _not_an_image(label: str) -> str:
+    return f"{label} {_is(label)} not an image that can be read — pass a PNG, JPEG, BMP, GIF, TIFF or WebP image"
+
+
+def _load_path(
+    source: str | os.PathLike[str], label: str, max_pixels: int, draft: tuple[int, int] | None = None
+) -> Image.Image:
     raw = os.fsdecode(os.fspath(source))
     if not raw.strip():
         raise ImageError("the image path is empty — pass the path of an image file")
@@ -296,7 +353,7 @@ def _load_path(source: str | os.PathLike[str], label: str, max_pixels: int) -> I
         with open(path, "rb") as fp:
             if os.fstat(fp.fileno()).st_size == 0:
                 raise ImageError(f"{label} {_is(label)} empty (0 bytes) — re-save or re-download the image")
-            return _decode(fp, label, max_pixels)
+            return _decode(fp, label, max_pixels, draft)
     except FileNotFoundError:
         raise ImageError(f"image file {shown} not found — check the path") from None
     except PermissionError:
@@ -317,14 +374,15 @@ def _read_stream(stream: Any, label: str) -> bytes:
     return bytes(data)
 
 
-def _decode_bytes(data: bytes, label: str, max_pixels: int) -> Image.Image:
+def _decode_bytes(data: bytes, label: str, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
     if not data:
         raise ImageError(f"{label} {_is(label)} empty (0 bytes) — send the image file's contents")
-    return _decode(io.BytesIO(data), label, max_pixels)
+    return _decode(io.BytesIO(data), label, max_pixels, draft)
 
 
-def _decode(fp: Any, label: str, max_pixels: int) -> Image.Image:
-    """Open, size-check (from the header), decode and convert one image from a binary stream."""
+def _decode(fp: Any, label: str, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
+    """Open, size-check (from the header), decode (a JPEG at reduced scale with ``draft``) and
+    convert one image from a binary stream."""
     try:
         with warnings.catch_warnings():
             # The pixel limit is ours (checked below, before decoding); PIL's own warning would
@@ -332,6 +390,7 @@ def _decode(fp: Any, label: str, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(fp)
             _check_pixels(image.size, label, max_pixels)
+            _apply_draft(image, draft)
             image.load()
             return _finish(image, label)
     except ImageError:
@@ -341,9 +400,7 @@ def _decode(fp: Any, label: str, max_pixels: int) -> Image.Image:
             f"{label} {_is(label)} too large to decode safely ({_one_line(exc, 200)}) — resize it first"
         ) from None
     except UnidentifiedImageError:
-        raise ImageError(
-            f"{label} {_is(label)} not an image that can be read — pass a PNG, JPEG, BMP, GIF, TIFF or WebP image"
-        ) from None
+        raise ImageError(_not_an_image(label)) from None
     except _DECODE_ERRORS as exc:
         raise ImageError(_corrupt(label, exc)) from None
 
@@ -512,41 +569,134 @@ def _array_to_uint8(array: np.ndarray, label: str) -> np.ndarray:
 # --------------------------------------------------------------------------- URLs
 
 
+class _Deadline:
+    """The overall time limit of one download: when it is up, the download's sockets are shut down,
+    which ends a read blocked on a server that trickles (each byte restarts the per-read timeout)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._watched: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for s in self._watched:
+                s.close()
+            self._watched.clear()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Watch a new connection (through a duplicate of its socket: TLS takes the original over)."""
+        dup = sock.dup()
+        with self._lock:
+            self._watched.append(dup)
+            if self.expired:
+                _shutdown(dup)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for s in self._watched:
+                _shutdown(s)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's opener, with every connection it makes (redirects too) watched by ``deadline``."""
+
+    def watched(cls: type) -> type:
+        class Watched(cls):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+
+                def connect(*a: Any, **k: Any) -> socket.socket:
+                    sock = socket.create_connection(*a, **k)
+                    deadline.watch(sock)
+                    return sock
+
+                self._create_connection = connect
+
+        return Watched
+
+    class HTTP(urllib.request.HTTPHandler):
+        def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+            return super().do_open(watched(http_class), req, **kwargs)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def do_open(self, http_class: Any, req: Any, **kwargs: Any) -> Any:
+            return super().do_open(watched(http_class), req, **kwargs)
+
+    return urllib.request.build_opener(HTTP, HTTPS)
+
+
 def _fetch(url: str, label: str) -> bytes:
-    """Download ``url`` (at most MAX_DOWNLOAD_BYTES, URL_TIMEOUT seconds per wait)."""
+    """Download ``url``: at most MAX_DOWNLOAD_BYTES, URL_TIMEOUT seconds per wait, URL_DEADLINE
+    seconds in all."""
     limit, timeout, shown = MAX_DOWNLOAD_BYTES, URL_TIMEOUT, label
     too_large = f"{shown} is larger than the download limit of {limit:,} bytes — download and resize the image first"
     request = urllib.request.Request(url, headers={"User-Agent": "featuremaps"})
+    deadline = _Deadline(URL_DEADLINE)
+    start = time.monotonic()
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with deadline, _opener(deadline).open(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length", "")
             if declared.strip().isdigit() and int(declared) > limit:
                 raise ImageError(too_large)
             chunks: list[bytes] = []
             total = 0
-            while chunk := response.read(_CHUNK):
+            while chunk := response.read1(_CHUNK):
                 total += len(chunk)
                 if total > limit:
                     raise ImageError(too_large)
                 chunks.append(chunk)
+                if time.monotonic() - start > deadline.seconds:
+                    break
+            if deadline.expired or time.monotonic() - start > deadline.seconds:
+                raise ImageError(_too_slow(shown, deadline.seconds))
     except ImageError:
         raise
     except urllib.error.HTTPError as exc:
         raise ImageError(f"{shown} returned HTTP {exc.code} {_one_line(exc.reason)} — check the address") from None
     except TimeoutError:
+        if deadline.expired:
+            raise ImageError(_too_slow(shown, deadline.seconds)) from None
         raise ImageError(_timed_out(shown, timeout)) from None
     except urllib.error.URLError as exc:
+        if deadline.expired:
+            raise ImageError(_too_slow(shown, deadline.seconds)) from None
         if isinstance(exc.reason, TimeoutError):
             raise ImageError(_timed_out(shown, timeout)) from None
         raise ImageError(
             f"{shown} is unreachable ({_one_line(exc.reason)}) — check the address and the network"
         ) from None
     except (OSError, ValueError, http.client.HTTPException) as exc:  # reset, bad status, bad URL
+        if deadline.expired:
+            raise ImageError(_too_slow(shown, deadline.seconds)) from None
         raise ImageError(
             f"{shown} could not be downloaded ({_one_line(exc) or type(exc).__name__}) "
             "— check the address and the network"
         ) from None
     return b"".join(chunks)
+
+
+def _too_slow(shown: str, seconds: float) -> str:
+    return (
+        f"{shown} took longer than {seconds:g} s to download (the server sends too slowly) "
+        "— download the image first and pass its file"
+    )
 
 
 def _timed_out(shown: str, timeout: float) -> str:

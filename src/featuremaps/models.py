@@ -169,9 +169,7 @@ def _seeded(seed: int):
 # --------------------------------------------------------------------------------------------------
 def is_user_spec(spec: str) -> bool:
     """``package.module:attr`` or ``path/to/file.py:attr`` (not ``timm:NAME``, timm's registry)."""
-    return (
-        isinstance(spec, str) and ":" in spec and not spec.startswith(("http:", "https:")) and not is_timm_name(spec)
-    )
+    return isinstance(spec, str) and ":" in spec and not spec.startswith(("http:", "https:")) and not is_timm_name(spec)
 
 
 def _import_attr(spec: str) -> Any:
@@ -400,7 +398,9 @@ def _pretrained(name: str, enum: Any, progress: bool) -> nn.Module:
     return module
 
 
-def _load_timm(spec: str, wspec: str, *, is_path: bool, seed: int, dev: torch.device, size: Any, progress: bool) -> Model:
+def _load_timm(
+    spec: str, wspec: str, *, is_path: bool, seed: int, dev: torch.device, size: Any, progress: bool
+) -> Model:
     """A ``timm:NAME`` model: timm's builder and preprocessing; pretrained (its cache, or a
     download), random (seeded) or a checkpoint file loaded without a random init first."""
     name = timm_models.check_name(spec)

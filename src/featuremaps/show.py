@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import render
+from .attention import AttentionError, attention_modules
 from .cam import CamResult, cam_files, cam_manifest, cam_pictures, cam_section
-from .capture import default_layers, list_layers
+from .capture import AttentionMaps, default_layers, list_layers
 from .chains import chain_steps
 from .errors import OptionError
 from .layers import match_layers, select_layers
@@ -35,10 +36,13 @@ def show_pictures(
     per_page: int = 512,
     progress=None,
     cam: CamResult | None = None,
+    attention: AttentionMaps | None = None,
+    attention_block: str | None = None,
 ) -> list[Picture]:
     """Every picture of a run: the overview, an overlay of the deepest spatial layer on the input,
     one channel grid per spatial layer (pages of ``per_page`` channels), and the first conv
-    layer's filters when the model is given. ``progress(done, total)`` is called per layer."""
+    layer's filters when the model is given; with ``cam`` its pictures (:func:`featuremaps.cam.cam_pictures`),
+    with ``attention`` those of :func:`attention_pictures`. ``progress(done, total)`` is called per layer."""
     spatial = [e for e in maps.entries if e.is_spatial]
     pics: list[Picture] = []
     if spatial:
@@ -115,7 +119,120 @@ def show_pictures(
             )
     if cam is not None:  # class evidence (featuremaps.cam): the map over the input, the channels behind it
         pics.extend(cam_pictures(cam, maps))
+    if attention is not None:
+        pics.extend(attention_pictures(attention, attention_block, cmap=cmap))
     return pics
+
+
+# -- attention (--attention BLOCK) -----------------------------------------------------------------
+def attention_block(model: Model | nn.Module, block: str) -> str:
+    """The attention module that ``--attention BLOCK`` names: ``last`` (the model's last attention
+    module), an index among them (``0``, ``-1``), an attention module's path (``blocks.11.attn``), or
+    the path of a block that holds exactly one (``blocks.11``,
+    ``encoder.layers.encoder_layer_11``). ``model`` may be a skeleton (meta device): only its module
+    tree is read, so a typo answers before any weights load.
+
+    Raises:
+        AttentionError: a model without attention modules featuremaps reads, a path that names none
+            (the message lists the closest and the range of indices).
+    """
+    module, info = unwrap_model(model)
+    paths = attention_modules(module)
+    what = info.name if info is not None else type(module).__name__
+    if not paths:
+        raise AttentionError(
+            f"{what} has no attention module featuremaps can read (torchvision's and timm's ViT, DeiT); "
+            "--attention is for vision transformers"
+        )
+    text = str(block).strip()
+    if text.lower() == "last":
+        return paths[-1]
+    if text.lstrip("-").isdigit():
+        i = int(text)
+        if not -len(paths) <= i < len(paths):
+            raise AttentionError(
+                f"--attention {text}: {what} has {len(paths)} attention modules, 0..{len(paths) - 1} (or last)"
+            )
+        return paths[i]
+    if text in paths:
+        return text
+    inside = [p for p in paths if p.startswith(f"{text}.")]
+    if len(inside) == 1:
+        return inside[0]
+    if len(inside) > 1:
+        raise AttentionError(f"{text!r} holds {len(inside)} attention modules; name one, e.g. {inside[-1]!r}")
+    import difflib
+
+    names = [n for n, _ in module.named_modules() if n]
+    close = difflib.get_close_matches(text, names, n=2, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+    raise AttentionError(
+        f"no attention module at {text!r}; {hint}give a block such as {paths[-1].rpartition('.')[0] or paths[-1]!r}, "
+        f"an index 0..{len(paths) - 1}, or last"
+    )
+
+
+def attention_pictures(attention: AttentionMaps, block: str | None = None, *, cmap: str | None = None) -> list[Picture]:
+    """The pictures of ``--attention``: ``attention/heads.png``, where the class token looks in
+    ``block`` (default the last captured), one tile per head, each in its own range; and
+    ``attention/rollout.png``, the attention rollout through every captured module (Abnar & Zuidema
+    2020) over the input (a one-tile grid for a tensor input)."""
+    heads = attention.heads(block)
+    path = heads.module
+    n = heads.shape[1]
+    grid = render.channel_grid(heads, cmap=cmap, per_page=None, palette=True)
+    pics = [
+        Picture(
+            "attention/heads.png",
+            grid,
+            kind="attention-heads",
+            layer=path,
+            caption=f"{path}: where the class token looks, one tile per head (tile k: head k, {n} heads, "
+            "each in its own range)",
+            channels=tuple(grid.info["channels"]),
+        )
+    ]
+    rollout = attention.rollout()
+    modules = len(attention.probabilities)
+    caption = f"attention rollout of the class token through {modules} attention modules"
+    if attention.image is not None:
+        im = render.overlay(rollout, attention.image, reduce="mean", channel=0, legend=True)
+        pics.append(
+            Picture("attention/rollout.png", im, kind="attention-rollout", caption=caption + ", over the input")
+        )
+    else:
+        im = render.channel_grid(rollout, cmap=cmap, per_page=None, palette=True)
+        pics.append(Picture("attention/rollout.png", im, kind="attention-rollout", caption=caption))
+    return pics
+
+
+def attention_manifest(attention: AttentionMaps, block: str, pictures: Sequence[Picture]) -> dict:
+    """The ``"attention"`` key of a run folder's manifest: the block, its heads, the patch grid and
+    the modules the rollout went through."""
+    probs = attention.probabilities[block]
+    heads = attention.heads(block)
+    return {
+        "block": block,
+        "heads": int(probs.shape[1]),
+        "tokens": int(probs.shape[-1]),
+        "grid": [int(v) for v in heads.shape[-2:]],
+        "rollout_modules": list(attention.probabilities),
+        "pictures": [p.path for p in pictures if p.kind.startswith("attention")],
+    }
+
+
+def attention_section(attention: AttentionMaps, block: str, pictures: Sequence[Picture]) -> Section:
+    """The report's attention section: the block's heads and the rollout."""
+    probs = attention.probabilities[block]
+    heads, tokens = int(probs.shape[1]), int(probs.shape[-1])
+    text = (
+        f"Attention probabilities softmax(q·k / sqrt(d)) of {block}, rebuilt from its input with its own weights: "
+        f"for each of its {heads} heads, how much the class token draws from each patch ({tokens} tokens, the prefix "
+        f"tokens left out of the picture). The rollout multiplies the head-averaged attention of all "
+        f"{len(attention.probabilities)} modules, each plus the identity for the residual path and renormalised: "
+        "how much each patch flows into the class token through the whole network."
+    )
+    return Section(f"Attention of {block}", text=text, pictures=[p for p in pictures if p.kind.startswith("attention")])
 
 
 def check_show(
@@ -182,8 +299,17 @@ def run_title(maps) -> tuple[str, str | None]:
     return title, warning
 
 
-def show_report(maps, pictures: Sequence[Picture], *, source: str = "", cam: CamResult | None = None) -> str:
-    """The ``index.html`` of a ``show`` run folder (with a CAM, its section after the overview)."""
+def show_report(
+    maps,
+    pictures: Sequence[Picture],
+    *,
+    source: str = "",
+    cam: CamResult | None = None,
+    attention: AttentionMaps | None = None,
+    attention_block: str | None = None,
+) -> str:
+    """The ``index.html`` of a ``show`` run folder (with a CAM or attention, their sections after the
+    overview)."""
     title, warning = run_title(maps)
     by_kind: dict[str, list[Picture]] = {}
     for p in pictures:
@@ -201,6 +327,8 @@ def show_report(maps, pictures: Sequence[Picture], *, source: str = "", cam: Cam
         Section("Channels of each layer", pictures=by_kind.get("grid", [])[:4], folded=by_kind.get("grid", [])[4:]),
         Section("Filters", pictures=by_kind.get("filters", [])),
     ]
+    if attention is not None:
+        sections.insert(1, attention_section(attention, attention_block or list(attention.probabilities)[-1], pictures))
     if cam is not None:
         sections.insert(1, cam_section(cam, pictures))
     meta = {
@@ -267,6 +395,8 @@ def save_show(
     progress=None,
     announce: Callable[[WriteSize], None] | None = None,
     cam: CamResult | None = None,
+    attention: AttentionMaps | None = None,
+    attention_block: str | None = None,
     **options,
 ):
     """Write the whole ``show`` folder: pictures, ``index.html``, ``manifest.json`` and, with
@@ -275,10 +405,24 @@ def save_show(
     manifest's numbers are what the report shows, while raw maps cost 4 bytes per value (1.6 GB
     for VGG16's conv-relu chain at 224x224). ``announce`` is told the sizes before anything is
     written. ``cam`` (a :class:`~featuremaps.cam.CamResult`) adds its pictures, report section,
-    ``cam.npy`` and the manifest's ``"cam"`` key."""
-    pictures = encode_pictures(show_pictures(maps, model=model, progress=progress, cam=cam, **options))
+    ``cam.npy`` and the manifest's ``"cam"`` key; ``attention`` (from
+    :func:`featuremaps.capture.capture_attention`) the pictures of ``attention_block`` (an
+    attention module path, default the last captured) and the rollout, their section and the
+    manifest's ``"attention"`` key."""
+    if attention is not None:
+        attention_block = attention_block or list(attention.probabilities)[-1]
+        if attention_block not in attention.probabilities:
+            raise AttentionError(
+                f"no attention maps of {attention_block!r}; captured: {', '.join(attention.probabilities)}"
+            )
+    shown = show_pictures(
+        maps, model=model, progress=progress, cam=cam, attention=attention, attention_block=attention_block, **options
+    )
+    pictures = encode_pictures(shown)
     kept = kept_maps(maps, pictures, save_maps)
-    html_text = show_report(maps, pictures, source=source, cam=cam)
+    html_text = show_report(
+        maps, pictures, source=source, cam=cam, attention=attention, attention_block=attention_block
+    )
     size = WriteSize(
         sum(len(p.encoded()) for p in pictures), raw_nbytes(kept) if kept is not None else 0, len(html_text)
     )
@@ -289,6 +433,7 @@ def save_show(
         "save_maps": save_maps,
         "render": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()},
         **({"cam": cam_manifest(cam)} if cam is not None else {}),
+        **({"attention": attention_manifest(attention, attention_block, pictures)} if attention is not None else {}),
     }
     return save_run(
         kept if kept is not None else maps,

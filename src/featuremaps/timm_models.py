@@ -116,7 +116,7 @@ def cached_file(name: str) -> Path | None:
     if cfg.hf_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
-        for filename in ([cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else list(_HF_FILES)):
+        for filename in [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else list(_HF_FILES):
             found = try_to_load_from_cache(cfg.hf_hub_id, filename)
             if isinstance(found, str) and os.path.isfile(found):
                 return Path(found)

@@ -5,7 +5,12 @@ import torch: ``--help``, ``--version`` and option mistakes answer at once.
 
 from __future__ import annotations
 
-from . import commands  # noqa: F401  (registers the commands on the app)
+from . import (  # noqa: F401  (registers the commands on the app)
+    atlas,
+    cam,
+    commands,
+    portrait,
+)
 from .common import Terminated, app, main
 
 __all__ = ["Terminated", "app", "main"]

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import FeatureMapsError
+from .cam import LabelsOpt, TargetOpt, check_cam_options, print_cam
 from .common import (
     ChannelsOpt,
     CmapOpt,
@@ -142,6 +143,25 @@ def show_cmd(
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
+    cam: Annotated[
+        str | None,
+        typer.Option(
+            "--cam",
+            help="Add the class evidence at the last spatial layer: gradcam, gradcam++ or layercam, with the top-5 "
+            "classes and the channels behind the map (each linking to its grid).",
+        ),
+    ] = None,
+    target: TargetOpt = None,
+    labels: LabelsOpt = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(
+            "--attention",
+            help="A vision transformer's attention: BLOCK's maps per head (where the class token looks) and the "
+            "attention rollout through every block. BLOCK: a block or attention module path (blocks.11, "
+            "encoder.layers.encoder_layer_11), an index among the attention modules (0, -1), or last.",
+        ),
+    ] = None,
 ) -> None:
     """Capture IMAGE's feature maps and write pictures, numbers and an HTML report to --out."""
     from ..images import describe_source, load_image
@@ -156,20 +176,45 @@ def show_cmd(
         _check_out(out_dir, force)
         source = _image_source(image)
         picture = load_image(source)
+        if cam is None and (target is not None or labels is not None):
+            raise FeatureMapsError("--target and --labels go with --cam, e.g. --cam gradcam --target tabby")
+        if cam is not None and mode != "network":
+            raise FeatureMapsError(f"--cam explains the real forward pass: use it with --mode network, not {mode}")
+        cam_method, names = check_cam_options(cam, labels) if cam is not None else (None, None)
         with _Steps(quiet) as steps:
             from ..capture import capture
             from ..models import skeleton
-            from ..show import LARGE_WRITE, check_show, save_show
+            from ..show import LARGE_WRITE, attention_block, check_show, save_show
 
             plan = skeleton(model, size=size)  # the architecture alone, on the meta device: a fraction of a second
             if plan is not None:
                 check_show(plan, mode=mode, layers=layers, channels=channels, size=size)
+                if attention is not None:
+                    attention_block(plan, attention)
             m = _load(model, weights, device, size, seed, steps)
             if plan is None:  # a user's own model: checked once it is built
                 check_show(m, mode=mode, layers=layers, channels=channels)
+            block = attention_block(m, attention) if attention is not None else None
+            evidence = None
+            if cam_method is not None:  # first: the CAM's layer is captured too, for its grid
+                from ..cam import cam as class_evidence
+                from ..cam import layer_selector
+                from ..capture import default_layers
+
+                task = steps.step(f"{cam_method} of {target or 'the most probable class'}")
+                evidence = class_evidence(m, picture, cam_method, target=target, labels=names)
+                steps.done(task)
+                layers = f"{layers or default_layers(m)},{layer_selector(evidence.layer)}"
             task = steps.step(f"capturing ({mode} mode)")
             maps = capture(m, picture, mode=mode, layers=layers)
             steps.done(task)
+            heads = None
+            if block is not None:  # every attention module for the rollout, the chosen one drawn per head
+                from ..capture import capture_attention
+
+                task = steps.step(f"attention of {block}")
+                heads = capture_attention(m, picture)
+                steps.done(task)
 
             def announce(size_) -> None:
                 if size_.total > LARGE_WRITE and not quiet:
@@ -194,9 +239,14 @@ def show_cmd(
                 norm=norm,
                 cmap=cmap,
                 channels=channels,
+                cam=evidence,
+                attention=heads,
+                attention_block=block,
             )
         if not quiet:
             out.print(_stats_table(maps, f"{maps.model} · {maps.weights} · {maps.mode} mode · {len(maps)} maps"))
+            if evidence is not None:
+                print_cam(evidence)
             _warn_random(maps)
             out.print(f"wrote {out_dir}/ (open {out_dir / 'index.html'})", markup=False, highlight=False)
 
@@ -330,11 +380,52 @@ def serve_cmd(
     max_runs: Annotated[
         int, typer.Option("--max-runs", help="Runs kept on disk before the oldest is evicted.", min=1)
     ] = 20,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory the viewer may use in all, e.g. 4G or 1500M (default: half of this machine's, at most 4G). "
+            "Runs that could not fit are refused, the others wait for their turn.",
+        ),
+    ] = None,
+    max_disk: Annotated[
+        str | None,
+        typer.Option(
+            "--max-disk",
+            help="Disk its runs may take, e.g. 4G (default: half the free space, at most 4G); the oldest go first.",
+        ),
+    ] = None,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir",
+            help="Where runs are kept; a restart serves them again (default ~/.cache/featuremaps/viewer).",
+        ),
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-host",
+            help="Another Host name the viewer answers (a proxy's or this machine's DNS name; repeatable).",
+        ),
+    ] = None,
+    max_connections: Annotated[
+        int | None,
+        typer.Option(
+            "--max-connections", help="Connections at once (default 256, less under a low file limit).", min=8
+        ),
+    ] = None,
+    atlas: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--atlas",
+            help="An atlas folder (`featuremaps atlas --out`) whose channels get a channel page: top images, "
+            "distribution, portrait (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Start the interactive viewer in the browser (prints its local address)."""
     with _user_errors():
-        from ..web import serve
-
         ckpts = {}
         for item in checkpoint or []:
             name, sep, path = item.partition("=")
@@ -343,6 +434,20 @@ def serve_cmd(
             if not Path(path).is_file():
                 raise FeatureMapsError(f"checkpoint {path!r} not found")
             ckpts[name] = Path(path)
+        limits = {}
+        if max_memory is not None:
+            limits["max_memory"] = _size_option("--max-memory", max_memory)
+        if max_disk is not None:
+            limits["max_disk"] = _size_option("--max-disk", max_disk)
+        if run_dir is not None:
+            limits["run_dir"] = run_dir
+        if atlas:
+            limits["atlases"] = list(atlas)
+        for name in allow_host or []:
+            if not name.strip() or any(c in name for c in "/ @"):
+                raise FeatureMapsError(f"--allow-host takes a host name such as viewer.example.org, not {name!r}")
+        from ..web import serve
+
         serve(
             host=host,
             port=port,
@@ -351,4 +456,21 @@ def serve_cmd(
             checkpoints=ckpts,
             device=device,
             max_runs=max_runs,
+            allow_hosts=list(allow_host or []),
+            max_connections=max_connections,
+            **limits,
         )
+
+
+def _size_option(option: str, text: str) -> int:
+    """``4G``, ``1.5GB``, ``800M``, ``800MB``, ``2048K`` or bytes -> bytes (powers of 1024)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in "KMGT" and t else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise FeatureMapsError(f"{option} takes a size such as 4G or 800M, not {text!r}") from None
+    if not value > 0:
+        raise FeatureMapsError(f"{option} must be more than 0, not {text!r}")
+    return int(value)

@@ -1,24 +1,28 @@
-"""The one form parser of the viewer: ``POST /api/runs`` -> a checked :class:`RunRequest`.
+"""The one form parser of the viewer: ``POST /api/runs`` -> a checked :class:`RunRequest` and
+where its picture comes from, then (once the run is admitted) the picture itself.
 
 Every field is checked against the app's allow-lists and limits with the library's own option
 checks (:mod:`featuremaps.options`); a refusal is a :class:`~featuremaps.errors.ParamError` (400)
-or :class:`~featuremaps.errors.FormError` (422) with a one-line message.
+or :class:`~featuremaps.errors.FormError` (422) with a one-line message. Nothing is decoded before
+the run is admitted: a busy viewer answers 429 without touching the upload.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from ..errors import FormError, LayerError, ParamError
-from ..images import list_samples, load_image
+from ..errors import FormError, LayerError, ParamError, TooLarge
+from ..images import decoded_size, list_samples, load_image
 from ..models import is_user_spec
 from ..options import check_mode
-from .jobs import LAYER_CHOICES, LAYER_SPEC_RE, RunRequest
+from .jobs import LAYER_CHOICES, LAYER_SPEC_RE, Job, RunRequest, Viewer
 
 #: Largest and smallest input size a request may ask for.
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 1024
@@ -86,9 +90,18 @@ def _size(fields: Mapping[str, str], opts: Mapping[str, Any]) -> int | None:
     return size
 
 
-async def parse_run_form(form: FormData, opts: Mapping[str, Any], *, too_large: type[Exception]) -> RunRequest:
-    """The run a form asks for, its image decoded and checked (``load_image``); ``too_large`` is
-    raised for an upload over ``opts["max_upload_bytes"]``."""
+@dataclass(frozen=True)
+class Picture:
+    """The image a form names, not read yet: an uploaded file or a bundled sample."""
+
+    upload: UploadFile | None
+    sample: str | None
+    name: str
+
+
+def parse_run_form(form: FormData, opts: Mapping[str, Any], *, client: str = "") -> tuple[RunRequest, Picture]:
+    """The run a form asks for (without its image) and where its image comes from; nothing is
+    read or decoded yet, so that the run can be admitted (or refused) first."""
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     upload = form.get("image")
     model, weights, mode = _model(fields, opts), _weights(fields, opts), _mode(fields)
@@ -99,17 +112,55 @@ async def parse_run_form(form: FormData, opts: Mapping[str, Any], *, too_large: 
         raise ParamError("send either an image file or a sample name, not both")
     if has_file:
         assert isinstance(upload, UploadFile)
-        data = await upload.read(opts["max_upload_bytes"] + 1)
-        if len(data) > opts["max_upload_bytes"]:
-            raise too_large(opts["max_upload_bytes"])
+        if upload.size is not None and upload.size > opts["max_upload_bytes"]:
+            raise UploadTooLarge(opts["max_upload_bytes"])
         name = Path(upload.filename or "upload").name[:80] or "upload"
-        image = await run_in_threadpool(load_image, data, name=name, max_pixels=opts["max_image_pixels"])
-        source = name
+        picture = Picture(upload, None, name)
     elif sample:
         if sample.removeprefix("sample:") not in list_samples():
             raise ParamError(f"unknown sample {sample[:40]!r}; choose one of {', '.join(list_samples())}")
-        source = "sample:" + sample.removeprefix("sample:")
-        image = await run_in_threadpool(load_image, source)
+        picture = Picture(None, sample.removeprefix("sample:"), "sample:" + sample.removeprefix("sample:"))
     else:
         raise ParamError("no image: upload an image file (field 'image') or choose a sample (field 'sample')")
-    return RunRequest(model=model, weights=weights, mode=mode, layers=layers, size=size, image=image, source=source)
+    req = RunRequest(
+        model=model, weights=weights, mode=mode, layers=layers, size=size, image=None, source=picture.name,
+        client=client,
+    )  # fmt: skip
+    return req, picture
+
+
+class UploadTooLarge(TooLarge):
+    """An upload over the limit (413)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the upload is larger than the limit of {_mb(limit)}; use a smaller image")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
+
+
+async def read_picture(viewer: Viewer, job: Job, picture: Picture, opts: Mapping[str, Any]) -> Image.Image:
+    """The admitted run's picture, decoded within the memory budget (its size read from the header
+    first; a JPEG decoded at the smallest scale that still covers the model's input) and resized
+    to the model's input at once: a queued run holds that small picture, never the upload."""
+    req = job.request
+    assert req is not None
+    if picture.upload is not None:
+        data = await picture.upload.read(opts["max_upload_bytes"] + 1)
+        if len(data) > opts["max_upload_bytes"]:
+            raise UploadTooLarge(opts["max_upload_bytes"])
+        return await run_in_threadpool(_decode_upload, viewer, job, data, picture.name, opts["max_image_pixels"])
+    return await run_in_threadpool(lambda: viewer.fit_picture(req, load_image(picture.name)))
+
+
+def _decode_upload(viewer: Viewer, job: Job, data: bytes, name: str, max_pixels: int) -> Image.Image:
+    req = job.request
+    assert req is not None
+    w, h = viewer.input_size(req)
+    draft = (max(w, h), max(w, h))
+    dw, dh = decoded_size(data, name=name, max_pixels=max_pixels, draft=draft)
+    need = 2 * 4 * dw * dh + 3 * w * h  # the decoded picture, its RGB conversion, the resized one
+    with viewer.reserved(("decode", job.id), need, what=f"decoding {name} ({dw}x{dh} pixels)"):
+        image = load_image(data, name=name, max_pixels=max_pixels, draft=draft)
+        return viewer.fit_picture(req, image)

@@ -1,8 +1,10 @@
-"""Pictures for the viewer, drawn on demand from a stored run with :mod:`featuremaps.render`.
+"""Pictures for the viewer, drawn on demand with :mod:`featuremaps.render` from what the viewer
+keeps of a run (:class:`~featuremaps.web.compact.RunData`: numbers, reduced maps, the picture) and
+its channel maps read when needed (``layer(i)``: every channel of layer ``i``; ``channel(i, pos)``:
+one of them).
 
-Every function takes a finished run's :class:`~featuremaps.maps.FeatureMaps` and already checked
-parameters (see :class:`View`) and returns a PIL image or a JSON-able dict; the FastAPI layer adds
-caching. Nothing here runs a model.
+Every method takes already checked parameters (see :class:`View`) and returns a PIL image or a
+JSON-able dict; the FastAPI layer adds caching. Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from PIL import Image
 
 from .. import render
 from ..errors import NotFound, ParamError
-from ..maps import FeatureMap, FeatureMaps
+from ..maps import FeatureMap
 from ..reduce import REDUCTIONS
 from ..stats import clean_number, clean_stats
+from .compact import RunData, channel_entry, full_entry, reduced_entry
+
+#: ``layer(i)``: every channel of layer ``i``, ``(C, H, W)``; ``channel(i, pos)``: one, ``(H, W)``.
+LayerReader = Callable[[int], np.ndarray]
+ChannelReader = Callable[[int, int], np.ndarray]
 
 #: Colormaps the viewer offers (requests naming another one get a 400).
 CMAPS: tuple[str, ...] = (
@@ -107,12 +114,11 @@ class Tiles:
 
     # -- lookups -----------------------------------------------------------------------------------
     @staticmethod
-    def entry(maps: FeatureMaps, index: int, *, spatial: bool = True) -> FeatureMap:
-        if not 0 <= index < len(maps.entries):
-            raise NotFound(
-                f"layer {index} does not exist: this run has {len(maps.entries)} layers (0..{len(maps.entries) - 1})"
-            )
-        e = maps.entries[index]
+    def entry(data: RunData, index: int, *, spatial: bool = True) -> FeatureMap:
+        n = len(data.entries)
+        if not 0 <= index < n:
+            raise NotFound(f"layer {index} does not exist: this run has {n} layers (0..{n - 1})")
+        e = data.entries[index]
         if spatial and not e.is_spatial:
             raise ParamError(f"{e.name} has output shape {tuple(e.shape)}, not (N, C, H, W): it has no maps to draw")
         return e
@@ -127,51 +133,44 @@ class Tiles:
                 f"channel {channel} does not exist in {e.name} ({len(ids)} channels: 0..{len(ids) - 1})"
             ) from None
 
-    def _global_full_range(self, run_id: str, maps: FeatureMaps) -> tuple[float, float]:
+    @staticmethod
+    def spatial_layers(data: RunData) -> int:
+        return sum(1 for e in data.entries if e.is_spatial)
+
+    def _global_full_range(self, run_id: str, data: RunData) -> tuple[float, float]:
         """Min..max over every spatial layer's full output (from the stored per-layer numbers)."""
 
         def make() -> tuple[float, float]:
-            los = [e.stats.min for e in maps.entries if e.is_spatial and math.isfinite(e.stats.min)]
-            his = [e.stats.max for e in maps.entries if e.is_spatial and math.isfinite(e.stats.max)]
+            los = [e.stats.min for e in data.entries if e.is_spatial and math.isfinite(e.stats.min)]
+            his = [e.stats.max for e in data.entries if e.is_spatial and math.isfinite(e.stats.max)]
             return (min(los), max(his)) if los else (math.nan, math.nan)
 
         return self._memoize((run_id, "global-full"), make)
 
-    def _reduced(self, run_id: str, maps: FeatureMaps, index: int, reduce: str) -> np.ndarray:
-        e = maps.entries[index]
-        method = e.reduction if (not e.has_channels) else reduce
-        return self._memoize((run_id, "reduced", index, method), lambda: e.reduced(method).astype(np.float32))
+    @staticmethod
+    def _reduced(data: RunData, index: int, reduce: str) -> np.ndarray:
+        m = data.reduced_map(index, reduce)
+        if m is None:
+            raise ParamError(f"{data.entries[index].name} has no channel {reduce} to draw")
+        return m
 
-    def _global_reduced_range(self, run_id: str, maps: FeatureMaps, reduce: str) -> tuple[float, float]:
+    def _global_reduced_range(self, run_id: str, data: RunData, reduce: str) -> tuple[float, float]:
         def make() -> tuple[float, float]:
-            arrays = [self._reduced(run_id, maps, i, reduce) for i, e in enumerate(maps.entries) if e.is_spatial]
+            arrays = [data.reduced_map(i, reduce) for i, e in enumerate(data.entries) if e.is_spatial]
+            arrays = [a for a in arrays if a is not None]
             return render.value_range(arrays, "global") if arrays else (math.nan, math.nan)
 
         return self._memoize((run_id, "global-reduced", reduce), make)
 
-    def _channel_stats(self, run_id: str, e: FeatureMap, index: int) -> dict[str, list[float]]:
-        def make() -> dict[str, list[float]]:
-            arr = e.maps(0)
-            flat = arr.reshape(arr.shape[0], -1)
-            with np.errstate(all="ignore"):
-                return {
-                    "min": flat.min(axis=1).tolist(),
-                    "max": flat.max(axis=1).tolist(),
-                    "mean": flat.mean(axis=1, dtype=np.float64).tolist(),
-                    "zero_fraction": (flat == 0).mean(axis=1).tolist(),
-                }
-
-        return self._memoize((run_id, "channels", index), make)
-
     # -- pictures ----------------------------------------------------------------------------------
-    def thumb(self, run_id: str, maps: FeatureMaps, index: int, view: View) -> tuple[Image.Image, tuple[float, float]]:
+    def thumb(self, run_id: str, data: RunData, index: int, view: View) -> tuple[Image.Image, tuple[float, float]]:
         """The layer's channel reduction as a small picture (its own range unless global/fixed)."""
-        self.entry(maps, index)
-        m = self._reduced(run_id, maps, index, view.reduce)
+        self.entry(data, index)
+        m = self._reduced(data, index, view.reduce)
         if isinstance(view.norm, tuple):
             lo, hi = view.norm
         elif view.norm == "global":
-            lo, hi = self._global_reduced_range(run_id, maps, view.reduce)
+            lo, hi = self._global_reduced_range(run_id, data, view.reduce)
         else:
             lo, hi = render.value_range(m, "map")
         lo, hi = render.finish_range(lo, hi, view.diverging)
@@ -179,32 +178,38 @@ class Tiles:
         return Image.fromarray(rgb), (lo, hi)
 
     def channel_range(
-        self, run_id: str, maps: FeatureMaps, e: FeatureMap, m: np.ndarray, view: View
+        self, run_id: str, data: RunData, e: FeatureMap, m: np.ndarray, view: View
     ) -> tuple[float, float]:
         if isinstance(view.norm, tuple):
             lo, hi = view.norm
         elif view.norm == "layer":
             lo, hi = e.stats.min, e.stats.max
         elif view.norm == "global":
-            lo, hi = self._global_full_range(run_id, maps)
+            lo, hi = self._global_full_range(run_id, data)
         else:
             lo, hi = render.value_range(m, "map")
         return render.finish_range(lo, hi, view.diverging)
 
+    def channel_map(
+        self, data: RunData, read: ChannelReader, index: int, channel: int
+    ) -> tuple[FeatureMap, np.ndarray]:
+        """A layer's entry and one of its channels, ``(H, W)`` float32."""
+        e = self.entry(data, index)
+        return e, read(index, self.channel_position(e, channel))
+
     def channel(
-        self, run_id: str, maps: FeatureMaps, index: int, channel: int, view: View
+        self, run_id: str, data: RunData, read: ChannelReader, index: int, channel: int, view: View
     ) -> tuple[Image.Image, tuple[float, float]]:
         """One channel at its own resolution (the page enlarges it without smoothing)."""
-        e = self.entry(maps, index)
-        pos = self.channel_position(e, channel)
-        m = e.maps(0)[pos]
-        lo, hi = self.channel_range(run_id, maps, e, m, view)
+        e, m = self.channel_map(data, read, index, channel)
+        lo, hi = self.channel_range(run_id, data, e, m, view)
         return Image.fromarray(render.colorize(m, cmap=view.cmap, vmin=lo, vmax=hi)), (lo, hi)
 
     def grid(
         self,
         run_id: str,
-        maps: FeatureMaps,
+        data: RunData,
+        read: LayerReader,
         index: int,
         view: View,
         *,
@@ -214,16 +219,17 @@ class Tiles:
         top_k: int | None,
     ) -> tuple[Image.Image, dict[str, Any]]:
         """A page of the layer's channels with :func:`render.channel_grid`, and where each tile is."""
-        e = self.entry(maps, index)
+        e = self.entry(data, index)
         ids = list(e.channel_ids())
         if top_k is not None:
             top_k = min(top_k, len(ids))
-        global_range = self._global_full_range(run_id, maps) if view.norm == "global" else None
+        global_range = self._global_full_range(run_id, data) if view.norm == "global" else None
         if tile is None and e.spatial_size is not None and max(e.spatial_size) > GRID_TILE:
             tile = GRID_TILE
+        full = full_entry(e, read(index))
         try:
             im = render.channel_grid(
-                e,
+                full,
                 top_k=top_k,
                 page=page,
                 per_page=per_page,
@@ -231,10 +237,11 @@ class Tiles:
                 norm=view.norm,
                 tile_size=tile,
                 global_range=global_range,
-                global_layers=sum(1 for x in maps.entries if x.is_spatial),
+                global_layers=self.spatial_layers(data),
             )
         except render.RenderError as exc:
             raise ParamError(str(exc)) from None
+        del full
         geom: render.GridGeometry = im.info["grid"]
         shown = list(im.info["channels"])  # what the renderer drew, in tile order: the one selection rule
         total = top_k if top_k is not None else len(ids)
@@ -259,42 +266,65 @@ class Tiles:
             "per_page": per_page,
             "pages": max(1, math.ceil(total / per_page)),
             "total": total,
-            "scale": list(im.info["scale"]) if im.info.get("scale") else None,
+            "scale": [clean_number(float(v)) for v in im.info["scale"]] if im.info.get("scale") else None,
+            "scale_note": im.info.get("scale_note"),
         }
         return im, layout
 
     def overlay(
-        self, run_id: str, maps: FeatureMaps, index: int, view: View, *, channel: int | None, alpha: float
+        self,
+        run_id: str,
+        data: RunData,
+        read: ChannelReader,
+        index: int,
+        view: View,
+        *,
+        channel: int | None,
+        alpha: float,
     ) -> Image.Image:
-        e = self.entry(maps, index)
-        if maps.image is None:
+        e = self.entry(data, index)
+        if data.image is None:
             raise ParamError("this run has no input picture to draw an overlay on")
         if channel is not None:
-            self.channel_position(e, channel)
-            m = e.maps(0)[self.channel_position(e, channel)]
-            norm: Any = self.channel_range(run_id, maps, e, m, view)
-        elif isinstance(view.norm, tuple) or view.norm == "global":
-            m = self._reduced(run_id, maps, index, view.reduce)
-            norm = view.norm if isinstance(view.norm, tuple) else self._global_reduced_range(run_id, maps, view.reduce)
-            norm = render.finish_range(*norm, view.diverging)
+            _, m = self.channel_map(data, read, index, channel)
+            drawn = channel_entry(e, channel, m)
+            norm: Any = self.channel_range(run_id, data, e, m, view)
         else:
-            norm = "map"
+            m = self._reduced(data, index, view.reduce)
+            drawn = reduced_entry(e, m, view.reduce)
+            if isinstance(view.norm, tuple) or view.norm == "global":
+                norm = (
+                    view.norm if isinstance(view.norm, tuple) else self._global_reduced_range(run_id, data, view.reduce)
+                )
+                norm = render.finish_range(*norm, view.diverging)
+            else:
+                norm = "map"
         if isinstance(norm, tuple) and not norm[0] < norm[1]:
             norm = "map"
         try:
             return render.overlay(
-                e, maps.image, reduce=view.reduce, channel=channel, alpha=alpha, cmap=view.cmap, norm=norm
+                drawn, data.image, reduce=view.reduce, channel=channel, alpha=alpha, cmap=view.cmap, norm=norm
             )
         except render.RenderError as exc:
             raise ParamError(str(exc)) from None
 
-    def layer_info(self, run_id: str, maps: FeatureMaps, index: int) -> dict[str, Any]:
-        e = self.entry(maps, index, spatial=False)
+    @staticmethod
+    def compare(runs: dict[str, RunData], view: View) -> Image.Image:
+        """Runs side by side (:func:`render.compare_runs`: one kind of map per row, layers matched by depth)."""
+        named = {label: data.reduced_maps(view.reduce) for label, data in runs.items()}
+        try:
+            return render.compare_runs(named, reduce=view.reduce, norm=view.norm, cmap=view.cmap, tile_size=96)
+        except render.RenderError as exc:
+            raise ParamError(str(exc)) from None
+
+    def layer_info(self, run_id: str, data: RunData, index: int) -> dict[str, Any]:
+        e = self.entry(data, index, spatial=False)
         info = layer_summary(e, index)
-        if e.is_spatial and e.has_channels:
+        numbers = data.numbers(index) if e.is_spatial and e.has_channels else None
+        if numbers is not None:
             info["channel_ids"] = list(e.channel_ids())
             info["channel_stats"] = {
-                k: [clean_number(v) for v in vals] for k, vals in self._channel_stats(run_id, e, index).items()
+                k: [clean_number(v) for v in numbers[k]] for k in ("min", "max", "mean", "zero_fraction")
             }
         return info
 

@@ -1,4 +1,5 @@
-"""Runs side by side: ``/api/compare.png?runs=A,B`` (layers matched by depth, as ``featuremaps compare``)."""
+"""Runs side by side: ``/api/compare.png?runs=A,B`` (one kind of map per row, layers matched by depth,
+a range per tile by default: ``render.compare_runs``, as ``featuremaps compare``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
-from ... import render
 from ...errors import ParamError
 from .. import tiles as T
 from ..deps import Cached, get_cached, get_viewer, png
@@ -35,8 +35,8 @@ def compare_png(
     def make() -> bytes:
         named: dict[str, Any] = {}
         for n, r in enumerate(ids):
-            maps = viewer.maps(r)
-            named[f"{chr(65 + n)}: {maps.model}"] = maps
-        return png(render.compare_runs(named, reduce=view.reduce, norm=view.norm, cmap=view.cmap, tile_size=96))
+            data = viewer.data(r)
+            named[f"{chr(65 + n)}: {data.model}"] = data
+        return png(T.Tiles.compare(named, view))
 
     return cached(f"{','.join(ids)}|compare|{view.key()}", "image/png", make)

@@ -1,5 +1,6 @@
-"""A run's layers: one layer's numbers, and its pictures drawn on demand from the stored maps
-(thumbnail, channel grid and where each channel is in it, one channel, overlay)."""
+"""A run's layers: one layer's numbers, and its pictures drawn on demand from what the viewer keeps
+(thumbnail, overlay of the channel reduction) or reads from the run folder (one channel, a channel
+grid and where each channel is in it)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def layer(run_id: str, index: int, viewer: ViewerDep, tiles: TilesDep, cached: C
     return cached(
         f"{run_id}|layer|{index}",
         "application/json",
-        lambda: json_bytes(tiles.layer_info(run_id, viewer.maps(run_id), index)),
+        lambda: json_bytes(tiles.layer_info(run_id, viewer.data(run_id), index)),
         store=False,
     )
 
@@ -47,7 +48,7 @@ def thumb(
     return cached(
         f"{run_id}|thumb|{index}|{view.key()}",
         "image/png",
-        lambda: png(tiles.thumb(run_id, viewer.maps(run_id), index, view)[0]),
+        lambda: png(tiles.thumb(run_id, viewer.data(run_id), index, view)[0]),
     )
 
 
@@ -89,10 +90,16 @@ def _grid(
     def both() -> tuple[bytes, bytes]:
         data, info = viewer.png_cache.get(key), viewer.png_cache.get(key + "|json")
         if data is None or info is None:
-            im, layout_info = tiles.grid(
-                run_id, viewer.maps(run_id), index, view, page=args[0], per_page=args[1], tile=args[2], top_k=args[3]
-            )
-            data, info = png(im), json_bytes(layout_info)
+            run = viewer.data(run_id)
+            tiles.entry(run, index)
+            # a grid reads the whole layer: its memory is reserved first (waiting for others)
+            with viewer.reserved(("grid", key), viewer.grid_memory(run_id, index), what="this channel grid"):
+                im, layout_info = tiles.grid(
+                    run_id, run, viewer.layer_reader(run_id), index, view,
+                    page=args[0], per_page=args[1], tile=args[2], top_k=args[3],
+                )  # fmt: skip
+                data, info = png(im), json_bytes(layout_info)
+                del im
             viewer.png_cache.put(key, data)
             viewer.png_cache.put(key + "|json", info)
         return data, info
@@ -155,7 +162,7 @@ def channel_png(
     return cached(
         f"{run_id}|channel|{index}|{channel}|{view.key()}",
         "image/png",
-        lambda: png(tiles.channel(run_id, viewer.maps(run_id), index, channel, view)[0]),
+        lambda: png(tiles.channel(run_id, viewer.data(run_id), viewer.channel_reader(run_id), index, channel, view)[0]),
     )
 
 
@@ -174,21 +181,29 @@ def channel_json(
     view = T.parse_view(None, norm, cmap)
 
     def make() -> bytes:
-        maps = viewer.maps(run_id)
-        e = tiles.entry(maps, index)
-        m = e.maps(0)[tiles.channel_position(e, channel)]
-        lo, hi = tiles.channel_range(run_id, maps, e, m, view)
+        data = viewer.data(run_id)
+        e, m = tiles.channel_map(data, viewer.channel_reader(run_id), index, channel)
+        lo, hi = tiles.channel_range(run_id, data, e, m, view)
+        pos = tiles.channel_position(e, channel)
+        numbers = data.numbers(index) or {}
+
+        def number(key: str, fallback: float) -> float | None:  # of the full float32 output
+            values = numbers.get(key)
+            return clean_number(float(values[pos])) if values is not None else clean_number(fallback)
+
         return json_bytes(
             {
                 "layer": index,
                 "name": e.name,
                 "channel": channel,
                 "shape": list(m.shape),
-                "min": clean_number(float(m.min())),
-                "max": clean_number(float(m.max())),
-                "mean": clean_number(float(m.mean())),
-                "zero_fraction": float((m == 0).mean()),
+                "min": number("min", float(m.min())),
+                "max": number("max", float(m.max())),
+                "mean": number("mean", float(m.mean())),
+                "zero_fraction": number("zero_fraction", float((m == 0).mean())),
                 "scale": [clean_number(lo), clean_number(hi)],
+                "norm": view.norm if isinstance(view.norm, str) else "fixed",
+                "scale_layers": tiles.spatial_layers(data) if view.norm == "global" else None,
             }
         )
 
@@ -224,5 +239,9 @@ def overlay_png(
     return cached(
         f"{run_id}|overlay|{index}|{ch}|{alpha:.2f}|{view.key()}",
         "image/png",
-        lambda: png(tiles.overlay(run_id, viewer.maps(run_id), index, view, channel=ch, alpha=alpha)),
+        lambda: png(
+            tiles.overlay(
+                run_id, viewer.data(run_id), viewer.channel_reader(run_id), index, view, channel=ch, alpha=alpha
+            )
+        ),
     )

@@ -56,6 +56,10 @@ def options(
             "max_input_size": opts["max_input_size"],
             "min_input_size": MIN_INPUT_SIZE,
             "max_runs": viewer.max_runs,
+            "max_memory_bytes": viewer.memory.limit,
+            "max_disk_bytes": viewer.disk.limit,
+            "max_pending": viewer.max_pending,
+            "max_pending_per_client": viewer.max_pending_per_client,
         },
     }
 
@@ -69,8 +73,9 @@ def status(viewer: Annotated[Viewer, Depends(get_viewer)]) -> JSONResponse:
         "models_loaded": viewer.models.loaded(),
         "runs": sum(1 for j in jobs if j.state == "done"),
         "pending": sum(1 for j in jobs if not j.is_finished),
-        "maps_in_memory_bytes": viewer.maps_cache.nbytes(),
+        "maps_in_memory_bytes": viewer.cache.nbytes(),
         "png_cache": {"hits": viewer.png_cache.hits, "misses": viewer.png_cache.misses},
+        **viewer.status(),
     }
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 

@@ -194,6 +194,7 @@ class RunView {
     $(".numbers tbody", this.el).replaceChildren();
     this.clearGrid("Click a layer above to see its channels.");
     this.clearChannel();
+    document.dispatchEvent(new CustomEvent("fm-run-reset", { detail: this })); // extras.js: the CAM panel
   }
 
   setState(job) {
@@ -229,6 +230,7 @@ class RunView {
     updateProgress(app.views.map((v) => v.status));
     refreshStatus();
     maybeCompare();
+    document.dispatchEvent(new CustomEvent("fm-run-done", { detail: this }));
   }
 
   /* -- the layer strip ----------------------------------------------------------------------- */
@@ -271,6 +273,7 @@ class RunView {
     this.drawThumbs();
     const first = job.layers.findIndex((l) => l.spatial);
     if (first >= 0) this.selectLayer(first);
+    document.dispatchEvent(new CustomEvent("fm-run-shown", { detail: this }));
   }
 
   drawThumbs() {
@@ -369,6 +372,7 @@ class RunView {
     $(".p-text", this.el).textContent = "";
     $(".p-prev", this.el).disabled = true;
     $(".p-next", this.el).disabled = true;
+    $(".grid-note", this.el).hidden = true;
     this.grid = null;
   }
 
@@ -396,6 +400,9 @@ class RunView {
     $(".grid-msg", this.el).hidden = true;
     $(".p-text", this.el).textContent =
       layout.pages > 1 ? `page ${layout.page + 1} / ${layout.pages} · ${layout.total} channels` : `${layout.total} channels`;
+    const note = $(".grid-note", this.el);
+    note.textContent = layout.scale_note || "";
+    note.hidden = !layout.scale_note;
     $(".p-prev", this.el).disabled = layout.page <= 0;
     $(".p-next", this.el).disabled = layout.page >= layout.pages - 1;
     this.placeMark();
@@ -475,6 +482,7 @@ class RunView {
     $(".c-title", this.el).textContent = "Channel";
     $(".c-cap", this.el).textContent = "click a channel in the grid";
     $(".c-range", this.el).textContent = "";
+    $(".c-page", this.el).hidden = true;
     if (!keepOverlay) {
       const o = $(".o-img", this.el);
       o.hidden = true;
@@ -500,6 +508,9 @@ class RunView {
     const img = $(".c-img", this.el);
     img.src = `${this.base}/layers/${i}/channels/${c}.png?${q}`;
     img.hidden = false;
+    const page = $(".c-page", this.el);
+    page.href = `/channel?${new URLSearchParams({ run: this.job.id, layer: String(i), channel: String(c) })}`;
+    page.hidden = false;
     $(".c-title", this.el).textContent = `${layer.name} · channel ${c}`;
     $(".c-cap", this.el).textContent = `channel ${c} of ${layer.shape[1]} · ${shapeText(layer.shape.slice(2))}`;
     try {
@@ -510,13 +521,13 @@ class RunView {
         el("strong", { class: "c-minmax", text: `${fmt(info.min)} … ${fmt(info.max)}` }),
         el("span", { text: ` · mean ${fmt(info.mean)} · zeros ${pct(info.zero_fraction)}` }),
       );
-      this.setScale(info.scale);
+      this.setScale(info.scale, info.scale_layers);
     } catch (e) {
       $(".c-range", this.el).textContent = e.message;
     }
   }
 
-  setScale(scale) {
+  setScale(scale, layers = null) {
     const lo = $(".s-lo", this.el);
     const hi = $(".s-hi", this.el);
     const mid = $(".s-mid", this.el);
@@ -529,7 +540,9 @@ class RunView {
     lo.textContent = fmt(scale[0]);
     hi.textContent = fmt(scale[1]);
     const norm = $("#norm").value;
-    mid.textContent = norm === "map" ? "colour scale: this channel" : norm === "layer" ? "colour scale: whole layer" : norm === "global" ? "colour scale: all layers" : "colour scale: fixed";
+    // the same words as the grid's header (grid.json's scale_note), so that the two agree
+    const across = layers ? `one global range across ${layers} layer${layers === 1 ? "" : "s"}` : "one global range across all layers";
+    mid.textContent = norm === "map" ? "colour scale: this channel" : norm === "layer" ? "colour scale: one range for the layer" : norm === "global" ? `colour scale: ${across}` : "colour scale: fixed";
   }
 
   drawOverlay() {
@@ -738,8 +751,11 @@ function maybeCompare() {
     section.hidden = true;
     return;
   }
-  const q = new URLSearchParams({ runs: views.map((v) => v.job.id).join(","), reduce: $("#reduce").value, cmap: $("#cmap").value, norm: "global" });
+  const norm = $("#norm").value;
+  const q = new URLSearchParams({ runs: views.map((v) => v.job.id).join(","), reduce: $("#reduce").value, cmap: $("#cmap").value, norm });
   $("#compare-img").src = `/api/compare.png?${q}`;
+  const ranges = { map: "each tile its own range", layer: "one range per column", global: "one range for every tile" };
+  $("#compare-scale").textContent = `channel ${$("#reduce").value} of each run, one kind of map per row · ${ranges[norm] || "fixed range"}`;
   section.hidden = false;
 }
 
