@@ -11,6 +11,7 @@ photographs (see ``samples/LICENSES.md``).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import math
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zlib
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -307,23 +309,10 @@ def decoded_size(
     label = _one_line(name) if name else _label(data)
     if not data:
         raise ImageError(f"{label} {_is(label)} empty (0 bytes) — send the image file's contents")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                _check_pixels(image.size, label, max_pixels)
-                _apply_draft(image, draft)
-                return (int(image.size[0]), int(image.size[1]))
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(
-            f"{label} {_is(label)} too large to decode safely ({_one_line(exc, 200)}) — resize it first"
-        ) from None
-    except UnidentifiedImageError:
-        raise ImageError(_not_an_image(label)) from None
-    except _DECODE_ERRORS as exc:
-        raise ImageError(_corrupt(label, exc)) from None
+    with _decoding(label), Image.open(io.BytesIO(data)) as image:
+        _check_pixels(image.size, label, max_pixels)
+        _apply_draft(image, draft)
+        return (int(image.size[0]), int(image.size[1]))
 
 
 def _apply_draft(image: Image.Image, draft: tuple[int, int] | None) -> None:
@@ -383,16 +372,23 @@ def _decode_bytes(data: bytes, label: str, max_pixels: int, draft: tuple[int, in
 def _decode(fp: Any, label: str, max_pixels: int, draft: tuple[int, int] | None = None) -> Image.Image:
     """Open, size-check (from the header), decode (a JPEG at reduced scale with ``draft``) and
     convert one image from a binary stream."""
+    with _decoding(label):
+        image = Image.open(fp)
+        _check_pixels(image.size, label, max_pixels)
+        _apply_draft(image, draft)
+        image.load()
+        return _finish(image, label)
+
+
+@contextlib.contextmanager
+def _decoding(label: str) -> Iterator[None]:
+    """Pillow's errors while opening or decoding ``label`` as one-line ImageErrors. The pixel limit
+    is ours (checked before decoding), so PIL's own warning is silenced; its hard
+    DecompressionBombError becomes an ImageError."""
     try:
         with warnings.catch_warnings():
-            # The pixel limit is ours (checked below, before decoding); PIL's own warning would
-            # only repeat it. PIL's hard DecompressionBombError is turned into an ImageError.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(fp)
-            _check_pixels(image.size, label, max_pixels)
-            _apply_draft(image, draft)
-            image.load()
-            return _finish(image, label)
+            yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
