@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from pathlib import Path
 
 import httpx
@@ -20,11 +19,6 @@ from test_web_channel import make_atlases, viewer_app
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 SHOTS = Path(os.environ.get("FEATUREMAPS_SHOTS", "/tmp"))
 VIEWPORT = {"width": 1280, "height": 900}
 TIMEOUT_MS = 60_000
@@ -32,20 +26,6 @@ IMG_READY = """(sel) => { const i = document.querySelector(sel);
   return !!i && !i.hidden && i.complete && i.naturalWidth > 0; }"""
 ALL_READY = """([sel, n]) => { const imgs = Array.from(document.querySelectorAll(sel));
   return imgs.length === n && imgs.every(i => i.complete && i.naturalWidth > 0); }"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium); the browser tests need it")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
