@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--max-memory", default="3G")
     ap.add_argument("--max-disk", default="1G")
+    ap.add_argument("--trace", type=Path, help="write the server's RSS and reserved memory every 0.2 s to this CSV")
     args = ap.parse_args()
 
     def to_bytes(t: str) -> int:
@@ -83,14 +84,26 @@ def main() -> None:
     peaks = {"rss": 0, "disk": 0}
     stop = threading.Event()
 
+    trace: list[str] = ["t_s,rss_mb,reserved_mb,set_aside_mb,pending"]
+    t_zero = time.monotonic()
+
     def sample() -> None:
-        while not stop.is_set():
-            try:
-                peaks["rss"] = max(peaks["rss"], me.memory_info().rss)
-                peaks["disk"] = max(peaks["disk"], folder_bytes(store / "runs"))
-            except (psutil.Error, OSError):
-                pass
-            time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    rss = me.memory_info().rss
+                    peaks["rss"] = max(peaks["rss"], rss)
+                    peaks["disk"] = max(peaks["disk"], folder_bytes(store / "runs"))
+                    if args.trace:
+                        st = c.get("/api/status").json()
+                        mem = st["memory"]
+                        trace.append(
+                            f"{time.monotonic() - t_zero:.1f},{rss / 2**20:.0f},{mem['reserved_bytes'] / 2**20:.0f},"
+                            f"{mem['set_aside_bytes'] / 2**20:.0f},{st['pending']}"
+                        )
+                except (psutil.Error, OSError, httpx.HTTPError):
+                    pass
+                time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -174,6 +187,8 @@ def main() -> None:
     sampler.join()
     proc.terminate()
     proc.wait(20)
+    if args.trace:
+        args.trace.write_text("\n".join(trace) + "\n")
 
     codes: dict[int, int] = {}
     for _, code, _ in results:

@@ -710,6 +710,31 @@ def test_a_call_key_selects_that_call_alone():
         fm.capture(model, x, layers="shared#3")
 
 
+def test_the_first_call_alone_is_selected_and_the_pass_stops_after_it():
+    """``shared#1`` is the first call only (it used to widen to ``shared``, every call), and once the
+    model has been seen at the shape the pass ends there: ``b`` never runs."""
+    torch.manual_seed(0)
+    model = _Shared()
+    x = torch.randn(1, 3, 8, 8)
+    assert fm.select_layers(model, "shared#1") == ["shared#1"]
+    both = fm.capture(model, x, layers="shared")
+    b_calls = []
+    handle = model.b.register_forward_hook(lambda *a: b_calls.append(1))
+    try:
+        for _ in range(2):
+            first = fm.capture(model, x, layers="shared#1")
+            assert first.names == ["shared"] and first["shared"].call == 1
+            assert torch.equal(first["shared"].tensor, both["shared"].tensor)
+        assert b_calls == []  # the schedule was learned by the first capture above
+        g = fm.capture_for_grad(model, x, layers="shared#1")
+        assert list(g.outputs) == ["shared"] and g.output is None and b_calls == []
+        # a later call still runs the model up to that call
+        assert fm.capture(model, x, layers="a,shared#2").names == ["a", "shared#2"] and len(b_calls) == 1
+        assert [r.name for r in fm.list_layers(model, size=8, layers="shared#1")] == ["shared"]
+    finally:
+        handle.remove()
+
+
 def test_maps_of_a_batch_need_a_sample_and_stats_are_per_image():
     torch.manual_seed(0)
     model = _Shared()

@@ -420,14 +420,9 @@ def test_a_module_called_twice_second_call_stops_there():
     torch.testing.assert_close(p.result.images, plain.images, rtol=0, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: a pass stops after the *last* call of a selected module (hooks.grad_pass sums the schedule "
-    "over all its calls) and layers.match_layers returns `path#1` as `path` (every call)",
-)
 def test_a_module_called_twice_first_call_stops_there():
     """A portrait of ``relu`` (its first call, as captures name it) should not run ``second``, once the model has
-    been seen at the shape. Today it does, on every pass: strict xfail, so the fix in the library shows here."""
+    been seen at the shape."""
     net = CalledTwice().eval()
     p = fm.portrait(net, "relu", [0, 3], size=16, steps=2)
     plain = optimize(lambda x: net.relu(net.first(x)), [0, 3], normalize=imagenet, size=16, steps=2)

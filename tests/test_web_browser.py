@@ -276,6 +276,38 @@ def test_vgg16_thumbnails_appear_about_a_second_after_the_forward_pass(server, p
     assert delay < 1.5
 
 
+def test_the_header_counts_a_forward_pass_while_the_run_folder_is_still_written(server, page, monkeypatch):
+    """The header ("N forward passes · M models loaded") is read again when the forward pass is
+    done, not only when the whole run is: it used to say 0 all the while a run was being saved."""
+    import threading
+
+    app, url = server
+    viewer = app.state.viewer
+    gate, real_save = threading.Event(), viewer._save
+
+    def held_save(*args, **kwargs):
+        gate.wait(60)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(viewer, "_save", held_save)
+    before = forward_passes(url)
+    page.goto(url)
+    page.wait_for_function("() => /forward pass/.test(document.querySelector('#server-status').textContent)")
+    choose(page, "alexnet", "64")
+    try:
+        page.click("#samples button[data-sample=edge]")
+        page.wait_for_function(
+            "(n) => document.querySelector('#server-status').textContent.startsWith(`${n} forward pass`)",
+            arg=before + 1,
+        )
+        run_id = page.evaluate("app.views[0].job.id")
+        assert httpx.get(f"{url}api/runs/{run_id}", timeout=10).json()["state"] == "rendering"
+        assert "alexnet" in " ".join(httpx.get(f"{url}api/status", timeout=10).json()["models_loaded"])
+    finally:
+        gate.set()
+    page.wait_for_function("() => document.querySelector('#progress-text').textContent === 'done'")
+
+
 def test_pretrained_weights_unavailable_offline_is_shown(browser, offline, tmp_path):
     app = create_app(models=("alexnet",), weights=("DEFAULT", "random"), run_dir=tmp_path / "runs")
     context = browser.new_context(viewport=VIEWPORT)

@@ -47,6 +47,7 @@ from torch import nn
 
 from .capture import capture_for_grad, prepare_input
 from .errors import FeatureMapsError, LayerError
+from .layers import layer_selector
 from .models import Model, input_channels, module_device, unwrap_model
 from .preprocess import Preprocessing
 from .report import Section
@@ -702,13 +703,6 @@ def check_layer(model: Model | nn.Module, layer: str | nn.Module) -> str:
         CamError: a module that is not part of the model, or not a name.
     """
     return _layer_key(unwrap_model(model)[0], layer)
-
-
-def layer_selector(key: str) -> str:
-    """The ``layers=`` selection that captures exactly the call a CAM's layer key names: ``layer4`` -> ``layer4#1``
-    (its first call; never read as a kind such as ``norm``), ``layer4.1.relu#2`` as it is."""
-    base, hash_, k = key.rpartition("#")
-    return key if hash_ and k.isdigit() else f"{key}#1"
 
 
 def _memo_key(module: nn.Module, x: torch.Tensor) -> tuple:

@@ -110,7 +110,9 @@ def capture(
         if layers is None and as_maps is not None:  # a transformer: its blocks are what there is to see
             layers = "conv,blocks"
         paths, calls = split_calls(learned.select(module, layers))
-        entries, notes = run_pass(module, x, paths, reduction, stop_early=stop_early, learned=learned, as_maps=as_maps)
+        entries, notes = run_pass(
+            module, x, paths, reduction, stop_early=stop_early, learned=learned, as_maps=as_maps, calls=calls
+        )
     if calls:
         entries = _only_calls(entries, calls)
     if as_maps is not None:
@@ -172,7 +174,7 @@ def capture_for_grad(
     with exclusive(module):
         learned = learned_about(module)
         paths, calls = split_calls(learned.select(module, layers))
-        outs, result = grad_pass(module, x, paths, stop_early=stop_early, learned=learned)
+        outs, result = grad_pass(module, x, paths, stop_early=stop_early, learned=learned, calls=calls)
     kept: dict[str, torch.Tensor] = {}
     for path in paths:
         for k, t in enumerate(outs[path], 1):

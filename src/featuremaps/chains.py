@@ -115,7 +115,7 @@ def run_chain(
         steps = chain_steps(model, chain)
         by_name = dict(module.named_modules())
         keep = (
-            set(match_layers([(n, by_name[n]) for n, _ in steps], layers))
+            {n.removesuffix("#1") for n in match_layers([(n, by_name[n]) for n, _ in steps], layers)}
             if layers is not None
             else {n for n, _ in steps}
         )

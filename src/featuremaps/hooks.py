@@ -34,7 +34,7 @@ import contextlib
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,12 +193,16 @@ def evaluating(module: nn.Module, modules: "Sequence[nn.Module] | None" = None) 
 # -- what a capture learns about a model ------------------------------------------------------
 @dataclass(slots=True)
 class _Learned:
-    """What captures learned about one model, valid while its module tree stays the same."""
+    """What captures learned about one model, valid while its module tree stays the same.
+
+    It refers to the model's modules only weakly: it lives in :data:`_LEARNED`, whose entry goes
+    when the model does, and a strong reference from here to the model would keep both forever
+    (every model a notebook or the viewer ever captured, with all its weights)."""
 
     tree: list  # see _tree(); anything else learned is dropped when it changes
-    modules: dict[str, nn.Module]  # dict(named_modules())
+    modules: "weakref.WeakValueDictionary[str, nn.Module]"  # named_modules(), held weakly
     # the modules with an ``inplace`` attribute (their flag is read on every pass)
-    inplace_capable: list[nn.Module]
+    inplace_capable: "list[weakref.ref[nn.Module]]"
     # ``layers=`` tokens -> the module paths they select
     selections: dict[tuple[str, ...], list[str]] = field(default_factory=dict)
     # input (shape, dtype, device) -> calls per module path in one full pass: where a pass may stop
@@ -206,9 +210,9 @@ class _Learned:
     # input -> modules whose outputs the model's forward() code changes in place (ResNet's
     # ``out += identity``), found by the version check: their outputs are copied in the hook
     dirty: dict[tuple, frozenset[str]] = field(default_factory=dict)
-    # (input, selected paths) -> the plain nn.Sequential whose first children a pass may call
-    # itself, and those children (see _sequential_plan)
-    plans: dict[tuple, "tuple[nn.Sequential, tuple[nn.Module, ...]] | None"] = field(default_factory=dict)
+    # (input, selected paths) -> the paths of the plain nn.Sequential whose first children a pass
+    # may call itself, and of those children (see _sequential_plan)
+    plans: "dict[tuple, tuple[str, tuple[str, ...]] | None]" = field(default_factory=dict)
     # what callers learn once per model (capture keeps the model's token layout here)
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -222,6 +226,9 @@ class _Learned:
                 self.selections.clear()
             self.selections[key] = names
         return names
+
+    def inplace_modules(self) -> list[nn.Module]:
+        return [m for r in self.inplace_capable if (m := r()) is not None]
 
 
 _LEARNED: "weakref.WeakKeyDictionary[nn.Module, _Learned]" = weakref.WeakKeyDictionary()
@@ -252,9 +259,9 @@ def learned_about(module: nn.Module) -> _Learned:
     if state is None or state.tree != tree:
         modules = dict(module.named_modules())
         capable = [
-            m for m in modules.values() if "inplace" in vars(m)
+            weakref.ref(m) for m in modules.values() if "inplace" in vars(m)
         ]  # (getattr would go through nn.Module.__getattr__)
-        state = _LEARNED[module] = _Learned(tree, modules, capable)
+        state = _LEARNED[module] = _Learned(tree, weakref.WeakValueDictionary(modules), capable)
     return state
 
 
@@ -267,8 +274,12 @@ def _sequential_plan(
     them itself (see :func:`run_pass`). Remembered per input and selection."""
     memo = (key, tuple(names))
     if memo in learned.plans:
-        return learned.plans[memo]
-    plan = None
+        known = learned.plans[memo]
+        if known is None:
+            return None
+        modules = learned.modules
+        return modules[known[0]], tuple(modules[p] for p in known[1])
+    plan = found = None
     schedule = learned.schedules[key]
     parents = {n.rpartition(".")[0] for n in names}
     parent = parents.pop() if len(parents) == 1 else None
@@ -280,9 +291,10 @@ def _sequential_plan(
         called_once = parent == "" or schedule.get(parent) == 1  # (the model itself runs once)
         if called_once and all(c is not None and not c._modules and schedule.get(p) == 1 for c, p in zip(head, paths)):
             plan = (seq, tuple(head))
+            found = (parent, tuple(paths[: last + 1]))
     if len(learned.plans) >= 64:
         learned.plans.clear()
-    learned.plans[memo] = plan
+    learned.plans[memo] = found
     return plan
 
 
@@ -307,6 +319,15 @@ def input_key(x: Any) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype, v.device.type) for k, v in items if isinstance(v, torch.Tensor))
 
 
+def _needed_calls(
+    names: Sequence[str], schedule: Counter, calls: Mapping[str, frozenset[int]] | None
+) -> dict[str, int]:
+    """How many calls of each selected path a pass must see: all of them, or up to the highest one
+    that a ``path#k`` selection wants (never more than the model makes)."""
+    calls = calls or {}
+    return {n: min(schedule[n], max(calls[n])) if n in calls else schedule[n] for n in names}
+
+
 class _StopForward(Exception):
     """Raised by the last wanted hook to skip the rest of the forward pass."""
 
@@ -321,17 +342,21 @@ def run_pass(
     copy_all: bool = False,
     learned: _Learned,
     as_maps: Callable[[torch.Tensor], Any] | None = None,
+    calls: Mapping[str, frozenset[int]] | None = None,
 ) -> tuple[tuple[FeatureMap, ...], list[str]]:
     """One hooked forward pass of ``module`` (``learned``: what :func:`learned_about` gives for it):
     the captured entries in execution order, and notes for the user. ``as_maps`` reads an output
     as ``(N, C, H, W)`` maps (a view with ``.maps`` and ``.prefix``, or None) before it is reduced:
-    a transformer's token outputs are reduced over their channels, not over their tokens."""
+    a transformer's token outputs are reduced over their channels, not over their tokens.
+    ``calls``: for paths selected by ``path#k`` only, the calls wanted: the pass may stop after the
+    highest of them (the caller keeps only those calls)."""
     modules = learned.modules
     wanted = {n: modules[n] for n in names}
     key = input_key(x)
     schedule = learned.schedules.get(key)
     dirty = learned.dirty.get(key, frozenset())
-    stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
+    needed = _needed_calls(names, schedule, calls) if (stop_early and schedule is not None) else None
+    stop_after = sum(needed.values()) if needed is not None else None
     counting = schedule is None
     counts: dict[str, int] = {}
     records: list[_Record] = []  # as little work as possible per call: entries are made after the pass
@@ -391,9 +416,10 @@ def run_pass(
                 else:
                     watched[storage] = [slot]
                 records.append(slot)
-        fired += 1
-        if stop_after is not None and fired >= stop_after:
-            raise _StopForward
+        if stop_after is not None and call <= needed[path]:
+            fired += 1
+            if fired >= stop_after:
+                raise _StopForward
         return result
 
     plan = _sequential_plan(learned, names, key) if stop_after is not None else None
@@ -434,7 +460,7 @@ def run_pass(
             handles.append(plan[0].register_forward_pre_hook(run_children))
         else:
             if not copy_all and reduction is None:  # in-place modules: the guard
-                for mod in learned.inplace_capable:
+                for mod in learned.inplace_modules():
                     if vars(mod).get("inplace") is True:
                         handles.append(mod.register_forward_pre_hook(guard.before))
             handles.append(torch_module.register_module_forward_hook(hook))
@@ -451,8 +477,9 @@ def run_pass(
         # the Sequential was not called the usual way (forward() code called its .forward): hooks, from now on
         learned.plans[(key, tuple(names))] = None
         return run_pass(
-            module, x, names, reduction, stop_early=stop_early, copy_all=copy_all, learned=learned, as_maps=as_maps
-        )
+            module, x, names, reduction, stop_early=stop_early, copy_all=copy_all, learned=learned, as_maps=as_maps,
+            calls=calls,
+        )  # fmt: skip
     if counting:
         learned.schedules[key] = Counter(counts)
     changed = {r.path for r in records if not r.owned and r.tensor._version != r.version}
@@ -462,8 +489,9 @@ def run_pass(
         records.clear()  # let this pass's outputs go before the next one
         watched.clear()
         return run_pass(
-            module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned, as_maps=as_maps
-        )
+            module, x, names, reduction, stop_early=stop_early, copy_all=bool(dirty), learned=learned, as_maps=as_maps,
+            calls=calls,
+        )  # fmt: skip
     spec = reduction.spec if reduction is not None else None
     new = FeatureMap._fast
     entries = []
@@ -494,7 +522,13 @@ def run_pass(
 
 
 def grad_pass(
-    module: nn.Module, x: torch.Tensor, names: Sequence[str], *, stop_early: bool, learned: _Learned
+    module: nn.Module,
+    x: torch.Tensor,
+    names: Sequence[str],
+    *,
+    stop_early: bool,
+    learned: _Learned,
+    calls: Mapping[str, frozenset[int]] | None = None,
 ) -> tuple[dict[str, list[torch.Tensor]], Any]:
     """One forward pass with autograd on, for gradients through captured outputs (class evidence,
     channel portraits): the outputs of every call of the modules ``names``, still in the graph,
@@ -504,14 +538,16 @@ def grad_pass(
     each captured output, so later in-place operations (a ``ReLU(inplace=True)``, ``out +=
     identity``) write into the clone while the captured tensor keeps its values, and gradients
     reach it through the clone (an identity). The model computes exactly what it computes without
-    featuremaps; its flags and hooks are left as they were (``learned``: :func:`learned_about`).
+    featuremaps; its flags and hooks are left as they were (``learned``: :func:`learned_about`;
+    ``calls``: as for :func:`run_pass`).
     """
     modules = learned.modules
     wanted = {n: modules[n] for n in names}
     paths = {id(mod): path for path, mod in modules.items() if path}
     key = input_key(x)
     schedule = learned.schedules.get(key)
-    stop_after = sum(schedule[n] for n in names) if (stop_early and schedule is not None) else None
+    needed = _needed_calls(names, schedule, calls) if (stop_early and schedule is not None) else None
+    stop_after = sum(needed.values()) if needed is not None else None
     counts: Counter = Counter()
     outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     fired = 0
@@ -522,11 +558,18 @@ def grad_pass(
         if path is None:
             return None
         counts[path] += 1
-        if path not in wanted or not isinstance(output, torch.Tensor):
+        if path not in wanted:
+            return None
+        last = False
+        if stop_after is not None and counts[path] <= needed[path]:
+            fired += 1
+            last = fired >= stop_after
+        if not isinstance(output, torch.Tensor):
+            if last:
+                raise _StopForward
             return None
         outputs[path].append(output)
-        fired += 1
-        if stop_after is not None and fired >= stop_after:
+        if last:
             raise _StopForward
         return output.clone()  # the model goes on with a copy: in-place ops cannot touch the capture
 

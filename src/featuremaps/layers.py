@@ -91,8 +91,9 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
     ``all`` (every leaf module), ``blocks`` (the repeated blocks of ResNets and transformers), an exact ``named_modules()`` path, or a glob pattern over the paths
     (``features.*``); several may be given as a list or comma-separated. Kind words win over a
     module of the same name; ``name:pool`` selects the module called ``pool``. ``path#k`` selects
-    only the k-th call of a module called several times (the key a capture gives that call); it
-    is returned as ``path#k`` (see :func:`split_calls`).
+    only the k-th call of a module called several times (``path#1`` its first call, which a capture
+    keys ``path``); it is returned as ``path#k``, ``#1`` included (see :func:`split_calls`), so that
+    ``path#1`` never widens to ``path``, which selects every call.
     """
     leaves = [(n, m) for n, m in candidates if _is_leaf(m)]
     all_names = [n for n, _ in candidates]
@@ -145,7 +146,7 @@ def match_layers(candidates: Sequence[tuple[str, nn.Module]], layers: str | Sequ
         if n in wanted:
             out.append(n)
         elif n in calls:
-            out.extend(entry_name(n, k) for k in sorted(calls[n]))
+            out.extend(f"{n}#{k}" for k in sorted(calls[n]))
     return out
 
 
@@ -200,6 +201,18 @@ def select_layers(
 def entry_name(path: str, call: int) -> str:
     """A capture's key: the module path, with ``#k`` for its k-th call (k >= 2)."""
     return path if call == 1 else f"{path}#{call}"
+
+
+def layer_selector(key: str) -> str:
+    """The ``layers=`` selection that captures exactly the call an entry name names: ``layer4`` ->
+    ``layer4#1`` (its first call; never read as a kind such as ``norm``), ``layer4.1.relu#2`` as it is."""
+    base, hash_, k = key.rpartition("#")
+    return key if hash_ and k.isdigit() else f"{key}#1"
+
+
+def entry_of(name: str) -> str:
+    """The entry name a capture gives the call that ``name`` selects: ``path#1`` -> ``path``."""
+    return name.removesuffix("#1")
 
 
 def safe_name(text: str) -> str:

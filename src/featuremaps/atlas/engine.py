@@ -156,8 +156,6 @@ def plan_layers(
     explicit_first = {t.strip()[:-2] for tok in tokens for t in str(tok).split(",") if t.strip().endswith("#1")}
     out: list[AtlasLayer] = []
     for r in rows:
-        if r.module in explicit_first and r.call > 1:
-            continue  # (featuremaps.layers hands "path#1" on as "path", which lists every call)
         if r.calls == 0:
             raise LayerError(f"{r.name} is not called in the model's forward pass; pick layers that run")
         if r.output_shape is None:

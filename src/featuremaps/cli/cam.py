@@ -110,8 +110,9 @@ def cam_cmd(
         picture = load_image(source)
         method, names = check_cam_options(method, labels)
         with _Steps(quiet) as steps:
-            from ..cam import cam, check_layer, layer_selector
+            from ..cam import cam, check_layer
             from ..capture import capture
+            from ..layers import layer_selector
             from ..models import skeleton
             from ..show import save_show
 

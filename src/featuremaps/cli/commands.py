@@ -198,8 +198,8 @@ def show_cmd(
             evidence = None
             if cam_method is not None:  # first: the CAM's layer is captured too, for its grid
                 from ..cam import cam as class_evidence
-                from ..cam import layer_selector
                 from ..capture import default_layers
+                from ..layers import layer_selector
 
                 task = steps.step(f"{cam_method} of {target or 'the most probable class'}")
                 evidence = class_evidence(m, picture, cam_method, target=target, labels=names)

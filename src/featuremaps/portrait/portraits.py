@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from featuremaps.capture import capture, capture_for_grad, list_layers
 from featuremaps.errors import FeatureMapsError
 from featuremaps.images import describe_source
-from featuremaps.layers import select_layers
+from featuremaps.layers import entry_of, layer_selector, select_layers
 from featuremaps.models import Model, input_channels, module_device, unwrap_model
 from featuremaps.options import parse_channels
 from featuremaps.portrait.errors import PortraitError
@@ -157,8 +157,10 @@ def capture_forward(model: Model | nn.Module, layer: str) -> Callable[[Tensor], 
     pass stopped after it), returning that output. ``layer`` is one entry name (``path`` or ``path#k``;
     for a module called several times ``path`` is its first call, as in captures)."""
 
+    selection = layer_selector(layer)  # that call alone: the pass stops right after it
+
     def forward(x: Tensor) -> Tensor:
-        grabbed = capture_for_grad(model, x, layers=layer, stop_early=True)
+        grabbed = capture_for_grad(model, x, layers=selection, stop_early=True)
         out = grabbed.outputs.get(layer)
         if out is None:
             raise PortraitError(
@@ -179,7 +181,7 @@ def resolve_layer(module: nn.Module, layer: Any) -> str:
         raise PortraitError(
             f"a portrait is of one layer, and {layer!r} selects {len(names)} ({shown}); give one name, e.g. {names[-1]}"
         )
-    return names[0]
+    return entry_of(names[0])
 
 
 def model_preprocessing(model: Model | nn.Module) -> Preprocessing:
@@ -229,11 +231,11 @@ def layer_output_shape(model: Model | nn.Module, layer: str, input_size: tuple[i
     shape: tuple[int, ...] | None
     try:
         if module_device(module).type == "meta":
-            rows = [r for r in list_layers(model, layers=layer, size=input_size) if r.called]
+            rows = [r for r in list_layers(model, layers=layer_selector(layer), size=input_size) if r.called]
             called, shape = bool(rows), (rows[0].output_shape if rows else None)
         else:
             probe = torch.zeros(1, pre.channels, *input_size, device=module_device(module))
-            maps = capture(model, probe, layers=layer, reduce="channel-stats")
+            maps = capture(model, probe, layers=layer_selector(layer), reduce="channel-stats")
             called = layer in maps
             shape = maps[layer].shape if called else None
             if called and (getattr(maps[layer], "spatial", None) is not None or getattr(maps[layer], "layout", None)):

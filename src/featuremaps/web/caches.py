@@ -48,19 +48,44 @@ class Budget:
     """Bytes that may be held at once, handed out as named reservations: whoever is about to hold
     memory (a run, a loaded model, a decode, a channel grid) reserves it first and releases it
     when done, waiting while others hold too much. ``fixed`` is held from the start (the process
-    itself, the caches' limits)."""
+    itself, the caches' limits).
 
-    def __init__(self, limit: int, fixed: int = 0):
+    ``observe`` (the process's resident memory, for the memory budget) keeps the reservations
+    honest: what is in use is taken as the larger of what is reserved and what is observed, so
+    memory that was freed but not yet given back to the system, or an estimate that came out low,
+    makes the next reservation wait too. ``relieve`` is called before such a wait (hand freed
+    memory back); a reservation that only the observed figure holds back is granted after
+    ``patience`` seconds, so that memory the allocator never gives back cannot stop the viewer."""
+
+    def __init__(
+        self,
+        limit: int,
+        fixed: int = 0,
+        *,
+        observe: Callable[[], int] | None = None,
+        relieve: Callable[[], None] | None = None,
+        patience: float = 10.0,
+    ):
         self.limit = int(limit)
         self.fixed = int(fixed)
+        self.observe = observe
+        self.relieve = relieve
+        self.patience = float(patience)
         self._held: dict[Hashable, int] = {}
         self._cv = threading.Condition()
         self.waits = 0
+        self.observed_waits = 0  # waits that the observed figure alone caused
+
+    def _in_use(self, observed: bool = True) -> int:
+        accounted = self.fixed + sum(self._held.values())
+        if observed and self.observe is not None:
+            return max(accounted, int(self.observe()))
+        return accounted
 
     @property
     def free(self) -> int:
         with self._cv:
-            return self.limit - self.fixed - sum(self._held.values())
+            return self.limit - self._in_use()
 
     @property
     def room(self) -> int:
@@ -90,14 +115,32 @@ class Budget:
         is up, ``stop()`` says so, or ``nbytes`` can never fit."""
         nbytes = max(0, int(nbytes))
         deadline = None if timeout is None else time.monotonic() + timeout
+        relieved = False
+        since: float | None = None  # since when only the observed memory is in the way
         with self._cv:
             if nbytes > self.room - self._held.get(key, 0):
                 return False
             while True:
-                missing = nbytes - (self.limit - self.fixed - sum(self._held.values()))
+                accounted_missing = nbytes - (self.limit - self._in_use(observed=False))
+                missing = nbytes - (self.limit - self._in_use())
+                if accounted_missing <= 0 < missing:
+                    now = time.monotonic()
+                    since = now if since is None else since
+                    if now - since >= self.patience:
+                        missing = accounted_missing
+                else:
+                    since = None
                 if missing <= 0:
                     self._held[key] = self._held.get(key, 0) + nbytes
                     return True
+                if accounted_missing <= 0 and self.relieve is not None and not relieved:
+                    relieved = True  # only the observed memory is in the way: hand freed memory back, look again
+                    self._cv.release()
+                    try:
+                        self.relieve()
+                    finally:
+                        self._cv.acquire()
+                    continue
                 if make_room is not None:
                     self._cv.release()
                     try:
@@ -112,6 +155,8 @@ class Budget:
                 if left is not None and left <= 0:
                     return False
                 self.waits += 1
+                if accounted_missing <= 0:
+                    self.observed_waits += 1
                 self._cv.wait(0.5 if left is None else min(0.5, left))
 
     def set(self, key: Hashable, nbytes: int) -> None:

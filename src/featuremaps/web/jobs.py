@@ -360,7 +360,7 @@ class Viewer:
                 f"already and sets {fmt_bytes(fixed - self.baseline)} aside for its caches and margin; "
                 f"give --max-memory at least {fmt_bytes(fixed + 512 * 2**20)}"
             )
-        self.memory = Budget(int(max_memory), fixed)
+        self.memory = Budget(int(max_memory), fixed, observe=process_rss, relieve=release_freed_memory)
         self.disk = Budget(int(max_disk))
         self.models = ModelCache(max_cached_models, device=device, checkpoints=checkpoints, on_drop=self._model_dropped)
         self.cache = ArrayCache(array_cache_bytes)

@@ -236,6 +236,7 @@ class RunView {
   /* -- the layer strip ----------------------------------------------------------------------- */
   showRun(job) {
     this.stripBuilt = true;
+    refreshStatus(); // the forward pass is done: the header counts it now, not when the folder is written
     this.el.classList.add("has-run");
     $(".v-model", this.el).textContent = job.model;
     const size = job.input_size ? `${job.input_size[1]}×${job.input_size[0]}` : "";
