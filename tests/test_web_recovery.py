@@ -224,9 +224,8 @@ def test_300_idle_connections_under_a_256_file_limit_do_not_stop_a_normal_reques
         stop(proc)
     log = err.read_text()
     assert len(log) < 20_000, log[-2000:]
-    # asyncio's accept() errors, if any slip through the file reserve, are logged at most 5 times (each with its
-    # traceback, which names accept() several times): counted by the message that starts each one
-    assert log.count("Too many open files") <= 5 and log.count("socket.accept() out of system resource") <= 5
+    # accept() never runs out of descriptors: a burst of accepts (the listen backlog) fits in the file reserve
+    assert "Too many open files" not in log and "socket.accept() out of system resource" not in log, log[-2000:]
 
 
 @pytest.fixture

@@ -28,6 +28,9 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 #: zips, models) under the process's limit.
 MAX_CONNECTIONS = 256
 FD_RESERVE = 64
+#: Connections asyncio may accept in one go (the listen backlog too): each holds a descriptor until
+#: the protocol closes the idle ones it makes room with, so a burst must fit in the reserve.
+ACCEPT_BURST = FD_RESERVE // 2
 #: Seconds a client may take to send a request's headers, to send the next request on a kept-alive
 #: connection, and to take anything of a response it is sent.
 HEADER_TIMEOUT = 10.0
@@ -244,7 +247,7 @@ def _uvicorn_server(
         # uvicorn's own limit answers 503 once as many connections are open as it allows; the
         # protocol keeps them at ``limit`` by closing idle ones first, so uvicorn's is one above it
         limit_concurrency=limit + 1,
-        backlog=min(2048, limit * 2),
+        backlog=ACCEPT_BURST,
         server_header=False,
     )
     return uvicorn.Server(config)
