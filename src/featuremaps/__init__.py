@@ -13,11 +13,9 @@ over a submodule of the same name: ``fm.capture`` is the function, its module is
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .lazy import make_lazy
 from .memory import ask_for_huge_pages as _ask_for_huge_pages
 from .version import __version__
 
@@ -109,33 +107,7 @@ __all__ = [
 ]
 
 
-class _Package(types.ModuleType):
-    """This package's module type: public names load on first use, and a submodule that is named
-    like a public function (``featuremaps.capture``) never replaces the function."""
-
-    def __getattr__(self, name: str) -> Any:
-        where = _EXPORTS.get(name)
-        if where is None:  # a submodule not imported yet (featuremaps.render, featuremaps.models...)
-            try:
-                return importlib.import_module(f".{name}", __name__)
-            except ModuleNotFoundError as exc:
-                if exc.name != f"{__name__}.{name}":
-                    raise
-                raise AttributeError(f"module 'featuremaps' has no attribute {name!r}") from None
-        value = getattr(importlib.import_module(f".{where}", __name__), name)
-        types.ModuleType.__setattr__(self, name, value)
-        return value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            return  # the import system announcing a submodule: the public name keeps its meaning
-        super().__setattr__(name, value)
-
-    def __dir__(self) -> list[str]:
-        return sorted({*globals(), *_EXPORTS})
-
-
-sys.modules[__name__].__class__ = _Package
+make_lazy(__name__, _EXPORTS, submodules=True)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .atlas import Atlas, AtlasError, atlas, open_atlas

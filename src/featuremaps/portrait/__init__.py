@@ -15,10 +15,9 @@ Names load on first use (``import featuremaps.portrait.settings`` does not impor
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import make_lazy
 
 #: public name -> the submodule that defines it
 _EXPORTS: dict[str, str] = {
@@ -84,29 +83,7 @@ __all__ = [
 ]
 
 
-class _Package(types.ModuleType):
-    """This package's module type, as featuremaps' own: names load on first use, and the submodule
-    ``optimize`` never replaces the function of that name (``featuremaps.portrait.optimize`` in
-    ``sys.modules`` is the module)."""
-
-    def __getattr__(self, name: str) -> Any:
-        where = _EXPORTS.get(name)
-        if where is None:
-            raise AttributeError(f"module 'featuremaps.portrait' has no attribute {name!r}")
-        value = getattr(importlib.import_module(f".{where}", __name__), name)
-        types.ModuleType.__setattr__(self, name, value)
-        return value
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
-            return  # the import system announcing a submodule: the public name keeps its meaning
-        super().__setattr__(name, value)
-
-    def __dir__(self) -> list[str]:
-        return sorted({*globals(), *_EXPORTS})
-
-
-sys.modules[__name__].__class__ = _Package
+make_lazy(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:  # pragma: no cover
