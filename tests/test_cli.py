@@ -50,6 +50,18 @@ def test_version_and_help():
         assert option in r.stdout, option
 
 
+@pytest.mark.parametrize("command", ["show", "compare", "cam"])
+def test_the_image_argument_names_the_library_s_samples(command):
+    from featuremaps.cli.common import SAMPLE_NAMES
+    from featuremaps.images import list_samples
+
+    assert list(SAMPLE_NAMES) == list_samples()  # the help's copy cannot go stale
+    r = run(command, "--help")
+    assert r.exit_code == 0 and "bundled sample: edge, astronaut, chelsea, coffee, rocket." in " ".join(
+        r.stdout.split()
+    )
+
+
 def test_layers_table():
     r = run("layers", "alexnet", "--size", "64")
     assert r.exit_code == 0, r.output

@@ -12,6 +12,7 @@ from rich.table import Table
 from .common import (
     DeviceOpt,
     ForceOpt,
+    ImageArg,
     ModelOpt,
     QuietOpt,
     SeedOpt,
@@ -72,10 +73,7 @@ def print_cam(result: CamResult, *, channels: int = 8) -> None:
 
 @app.command("cam")
 def cam_cmd(
-    image: Annotated[
-        str,
-        typer.Argument(help="Image path, http(s) URL, or a bundled sample: edge, astronaut, chelsea, coffee, rocket."),
-    ],
+    image: ImageArg,
     model: ModelOpt = "resnet50",
     weights: WeightsOpt = "DEFAULT",
     method: MethodOpt = "gradcam",

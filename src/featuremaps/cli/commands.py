@@ -16,6 +16,7 @@ from .common import (
     CmapOpt,
     DeviceOpt,
     ForceOpt,
+    ImageArg,
     LayersOpt,
     ModelOpt,
     ModeOpt,
@@ -114,10 +115,7 @@ def layers_cmd(
 
 @app.command("show")
 def show_cmd(
-    image: Annotated[
-        str,
-        typer.Argument(help="Image path, http(s) URL, or a bundled sample: edge, astronaut, chelsea, coffee, rocket."),
-    ],
+    image: ImageArg,
     model: ModelOpt = "vgg16",
     weights: WeightsOpt = "DEFAULT",
     mode: ModeOpt = "network",
@@ -259,7 +257,7 @@ def _mb(n: int) -> str:
 
 @app.command("compare")
 def compare_cmd(
-    image: Annotated[str, typer.Argument(help="Image path, URL, or a bundled sample name.")],
+    image: ImageArg,
     models: Annotated[
         str | None, typer.Option("--models", help="Two or more models to compare layer by layer, e.g. vgg16,alexnet.")
     ] = None,

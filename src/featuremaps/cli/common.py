@@ -101,6 +101,12 @@ SizeOpt = Annotated[
         min=1,
     ),
 ]
+#: the bundled samples, as ``featuremaps.images.SAMPLES`` names them (a test keeps the two equal; importing
+#: images here would load numpy and Pillow for every ``--help``)
+SAMPLE_NAMES = ("edge", "astronaut", "chelsea", "coffee", "rocket")
+ImageArg = Annotated[
+    str, typer.Argument(help=f"Image path, http(s) URL, or a bundled sample: {', '.join(SAMPLE_NAMES)}.")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace the output folder if it exists.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; only errors.")]

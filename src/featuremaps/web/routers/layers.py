@@ -4,6 +4,7 @@ grid and where each channel is in it)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -52,40 +53,38 @@ def thumb(
     )
 
 
-def _grid_args(
-    page: int, per_page: int, tile: int | None, top_k: int | None
-) -> tuple[int, int, int | None, int | None]:
-    if page < 0:
-        raise ParamError("page must be 0 or more")
-    if not 1 <= per_page <= T.MAX_PER_PAGE:
-        raise ParamError(f"per_page must be between 1 and {T.MAX_PER_PAGE}")
-    if tile is not None and not 8 <= tile <= 256:
-        raise ParamError("tile must be between 8 and 256 pixels")
-    if top_k is not None and top_k < 1:
-        raise ParamError("top_k must be 1 or more")
-    return page, per_page, tile, top_k
+@dataclass(frozen=True)
+class GridQuery:
+    """A channel grid's query (the view, and which page of channels at what tile size), checked."""
+
+    norm: str = "map"
+    cmap: str = "viridis"
+    page: int = 0
+    per_page: int = 128
+    tile: int | None = None
+    top_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.page < 0:
+            raise ParamError("page must be 0 or more")
+        if not 1 <= self.per_page <= T.MAX_PER_PAGE:
+            raise ParamError(f"per_page must be between 1 and {T.MAX_PER_PAGE}")
+        if self.tile is not None and not 8 <= self.tile <= 256:
+            raise ParamError("tile must be between 8 and 256 pixels")
+        if self.top_k is not None and self.top_k < 1:
+            raise ParamError("top_k must be 1 or more")
+
+
+GridDep = Annotated[GridQuery, Depends()]
 
 
 def _grid(
-    run_id: str,
-    index: int,
-    viewer: Viewer,
-    tiles: T.Tiles,
-    cached: Cached,
-    norm: str,
-    cmap: str,
-    page: int,
-    per_page: int,
-    tile: int | None,
-    top_k: int | None,
-    *,
-    layout: bool,
+    run_id: str, index: int, viewer: Viewer, tiles: T.Tiles, cached: Cached, q: GridQuery, *, layout: bool
 ) -> Response:
     """The grid picture, or (``layout``) where each channel sits in it: drawn together, cached apart."""
     viewer.job(run_id)
-    view = T.parse_view(None, norm, cmap)
-    args = _grid_args(page, per_page, tile, top_k)
-    key = f"{run_id}|grid|{index}|{view.key()}&page={page}&per_page={per_page}&tile={tile}&top_k={top_k}"
+    view = T.parse_view(None, q.norm, q.cmap)
+    key = f"{run_id}|grid|{index}|{view.key()}&page={q.page}&per_page={q.per_page}&tile={q.tile}&top_k={q.top_k}"
 
     def both() -> tuple[bytes, bytes]:
         data, info = viewer.png_cache.get(key), viewer.png_cache.get(key + "|json")
@@ -96,7 +95,7 @@ def _grid(
             with viewer.reserved(("grid", key), viewer.grid_memory(run_id, index), what="this channel grid"):
                 im, layout_info = tiles.grid(
                     run_id, run, viewer.layer_reader(run_id), index, view,
-                    page=args[0], per_page=args[1], tile=args[2], top_k=args[3],
+                    page=q.page, per_page=q.per_page, tile=q.tile, top_k=q.top_k,
                 )  # fmt: skip
                 data, info = png(im), json_bytes(layout_info)
                 del im
@@ -113,37 +112,13 @@ def _grid(
 
 
 @router.get("/grid.png")
-def grid_png(
-    run_id: str,
-    index: int,
-    viewer: ViewerDep,
-    tiles: TilesDep,
-    cached: CachedDep,
-    norm: str = "map",
-    cmap: str = "viridis",
-    page: int = 0,
-    per_page: int = 128,
-    tile: int | None = None,
-    top_k: int | None = None,
-) -> Response:
-    return _grid(run_id, index, viewer, tiles, cached, norm, cmap, page, per_page, tile, top_k, layout=False)
+def grid_png(run_id: str, index: int, viewer: ViewerDep, tiles: TilesDep, cached: CachedDep, q: GridDep) -> Response:
+    return _grid(run_id, index, viewer, tiles, cached, q, layout=False)
 
 
 @router.get("/grid.json")
-def grid_json(
-    run_id: str,
-    index: int,
-    viewer: ViewerDep,
-    tiles: TilesDep,
-    cached: CachedDep,
-    norm: str = "map",
-    cmap: str = "viridis",
-    page: int = 0,
-    per_page: int = 128,
-    tile: int | None = None,
-    top_k: int | None = None,
-) -> Response:
-    return _grid(run_id, index, viewer, tiles, cached, norm, cmap, page, per_page, tile, top_k, layout=True)
+def grid_json(run_id: str, index: int, viewer: ViewerDep, tiles: TilesDep, cached: CachedDep, q: GridDep) -> Response:
+    return _grid(run_id, index, viewer, tiles, cached, q, layout=True)
 
 
 @router.get("/channels/{channel}.png")
