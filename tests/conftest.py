@@ -82,3 +82,17 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A new page in a browser context of its own, sized by the test module's ``VIEWPORT`` and waiting
+    up to its ``TIMEOUT_MS``; an uncaught JavaScript error in the page fails the test."""
+    context = browser.new_context(viewport=request.module.VIEWPORT)
+    pg = context.new_page()
+    pg.set_default_timeout(request.module.TIMEOUT_MS)
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    yield pg
+    context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"

@@ -48,18 +48,6 @@ def server(tmp_path_factory):
         yield app, url
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport=VIEWPORT)
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors in the page: {errors}"
-
-
 def write_png(path: Path, size=(120, 96)) -> Path:
     rng = np.random.default_rng(1)
     arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
@@ -308,25 +296,19 @@ def test_the_header_counts_a_forward_pass_while_the_run_folder_is_still_written(
     page.wait_for_function("() => document.querySelector('#progress-text').textContent === 'done'")
 
 
-def test_pretrained_weights_unavailable_offline_is_shown(browser, offline, tmp_path):
+def test_pretrained_weights_unavailable_offline_is_shown(page, offline, tmp_path):
     app = create_app(models=("alexnet",), weights=("DEFAULT", "random"), run_dir=tmp_path / "runs")
-    context = browser.new_context(viewport=VIEWPORT)
-    try:
-        with ServerThread(app) as url:
-            pg = context.new_page()
-            pg.set_default_timeout(TIMEOUT_MS)
-            pg.goto(url)
-            pg.wait_for_selector("#cfg-a .f-weights option", state="attached")
-            assert pg.locator("#cfg-a .f-weights").input_value() == "DEFAULT"
-            assert "not cached" in pg.locator("#cfg-a .weights-note").inner_text()
-            pg.click("#samples button[data-sample=coffee]")
-            pg.wait_for_selector(".v-error:not([hidden])")
-            assert "not cached and cannot be downloaded" in pg.locator(".v-error").inner_text()
-            assert pg.locator(".v-model").inner_text() == "alexnet"
-            assert pg.locator(".v-state").inner_text() == "failed"
-            assert forward_passes(url) == 0
-    finally:
-        context.close()
+    with ServerThread(app) as url:
+        page.goto(url)
+        page.wait_for_selector("#cfg-a .f-weights option", state="attached")
+        assert page.locator("#cfg-a .f-weights").input_value() == "DEFAULT"
+        assert "not cached" in page.locator("#cfg-a .weights-note").inner_text()
+        page.click("#samples button[data-sample=coffee]")
+        page.wait_for_selector(".v-error:not([hidden])")
+        assert "not cached and cannot be downloaded" in page.locator(".v-error").inner_text()
+        assert page.locator(".v-model").inner_text() == "alexnet"
+        assert page.locator(".v-state").inner_text() == "failed"
+        assert forward_passes(url) == 0
 
 
 @pytest.mark.skipif(

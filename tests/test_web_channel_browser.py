@@ -37,18 +37,6 @@ def server(tmp_path_factory):
         yield app, url
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport=VIEWPORT)
-    pg = context.new_page()
-    pg.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    yield pg
-    context.close()
-    assert not errors, f"JavaScript errors in the page: {errors}"
-
-
 def start_run(page, url: str) -> None:
     """The sample picture through AlexNet (random weights) at 64 px, from the page itself."""
     page.goto(url)
