@@ -28,6 +28,7 @@ with warnings.catch_warnings():  # starlette's notice about httpx is not ours
 from featuremaps import runs
 from featuremaps.web import create_app
 from featuremaps.web import server as web_server
+from viewer_polling import wait_done
 
 SIZE = "64"
 
@@ -55,21 +56,6 @@ def png_bomb(width: int = 8000, height: int = 6000) -> bytes:
     body = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", body) + _chunk(b"IEND", b"")
-
-
-def wait_done(client: TestClient, run_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    seen = set()
-    while True:
-        r = client.get(f"/api/runs/{run_id}")
-        assert r.status_code == 200, r.text
-        job = r.json()
-        seen.add(job["state"])
-        if job["state"] in ("done", "failed"):
-            job["_seen"] = seen
-            return job
-        assert time.monotonic() < deadline, f"run {run_id} still {job['state']}"
-        time.sleep(0.03)
 
 
 def start_run(client: TestClient, **fields) -> dict:

@@ -11,7 +11,6 @@ AlexNet with random weights at 64 px (the model the viewer runs, so its runs' ch
 from __future__ import annotations
 
 import io
-import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from featuremaps.cam import cam
 from featuremaps.portrait import portrait_image
 from featuremaps.web import create_app
 from test_atlas_model import planted_net, write_planted
+from viewer_polling import wait_done
 
 PORTRAIT = {"size": 64, "steps": 3}
 PL = "/api/atlases/planted/layers/features.0/channels"
@@ -58,21 +58,11 @@ def viewer_app(root: Path, planted: fm.Atlas, alexnet: Path, **kw):
     )
 
 
-def wait_run(client: TestClient, run_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = client.get(f"/api/runs/{run_id}").json()
-        if job["state"] in ("done", "failed"):
-            return job
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-
-
 def start_run(client: TestClient, **fields) -> dict:
     data = {"model": "alexnet", "weights": "random", "mode": "network", "size": "64", "sample": "chelsea", **fields}
     r = client.post("/api/runs", data=data)
     assert r.status_code == 202, r.text
-    return wait_run(client, r.json()["id"])
+    return wait_done(client, r.json()["id"])
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +227,7 @@ def test_an_atlas_image_opens_as_a_viewer_run_when_the_viewer_runs_its_model(cli
     job = r.json()
     assert job["page"] == f"/?run={job['id']}&layer=features.3&channel=4"
     assert job["request"]["layers"] == "features.0,features.3" and job["request"]["source"] == Path(hit.image).name
-    done = wait_run(client, job["id"])
+    done = wait_done(client, job["id"])
     assert done["state"] == "done", done
     assert [x["name"] for x in done["layers"]] == ["features.0", "features.3"]
     words = detail(client.post(f"{PL}/0/top/1/run"), 400)

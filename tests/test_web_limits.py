@@ -27,6 +27,7 @@ from featuremaps.web import forms as web_forms
 from featuremaps.web import server as web_server
 from featuremaps.web.caches import process_rss
 from featuremaps.web.jobs import folder_bytes
+from viewer_polling import wait_done
 
 GB = 2**30
 
@@ -35,16 +36,6 @@ def budget(extra: float = 1.5) -> int:
     """A memory limit ``extra`` GB above what this test process holds now (the viewer sets the
     process's own memory aside)."""
     return process_rss() + int(extra * GB)
-
-
-def wait_done(c: TestClient, run_id: str, timeout: float = 60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/api/runs/{run_id}").json()
-        if job["state"] in ("done", "failed"):
-            return job
-        time.sleep(0.03)
-    raise AssertionError(f"run {run_id} did not finish")
 
 
 def form(**fields) -> dict:

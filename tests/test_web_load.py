@@ -25,6 +25,8 @@ import psutil
 import pytest
 from PIL import Image
 
+from viewer_polling import wait_done
+
 CLIENTS = 8
 REQUESTS = 200
 UPLOAD_SHARE = 0.15
@@ -79,16 +81,6 @@ def server(tmp_path_factory):
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def wait_done(client: httpx.Client, run_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/runs/{run_id}").json()
-        if job["state"] in ("done", "failed"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} did not finish")
 
 
 def upload(client: httpx.Client, seed: int) -> httpx.Response:

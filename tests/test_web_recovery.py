@@ -30,6 +30,7 @@ from featuremaps.web import create_app
 from featuremaps.web import server as web_server
 from featuremaps.web.jobs import LOCK_FILE, OWN_PREFIX
 from featuremaps.web.server import ServerThread
+from viewer_polling import wait_done
 
 FEATUREMAPS = Path(sys.executable).with_name("featuremaps")
 
@@ -73,16 +74,6 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-def wait_done(c: httpx.Client, run_id: str, timeout: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = c.get(f"/api/runs/{run_id}").json()
-        if job["state"] in ("done", "failed"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"run {run_id} did not finish")
 
 
 def form(**fields: str) -> dict:
