@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,25 @@ def clear_stale_parts(parent: str | os.PathLike) -> list[Path]:
 
 def _part_name(target: Path, what: str) -> Path:
     return target.parent / f".{target.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_sibling(path: str | os.PathLike) -> Path:
+    """A hidden, unique name next to ``path`` (``.NAME.tmp-PID-XXXXXXXX``) to write before renaming."""
+    return _part_name(Path(path), "tmp")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Write one file through a temporary sibling: ``write(tmp)`` fills it, then it replaces ``path``
+    in one rename, so a failure or a kill leaves the old file (or none), never half of one; on a
+    failure the temporary file is removed."""
+    target = Path(path)
+    tmp = temp_sibling(target)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from ..folders import write_atomic
 from .sketch import bucket_bounds
 from .store import (
     CHANNELS,
@@ -28,7 +29,6 @@ from .store import (
     SKIPPED,
     TOPK,
     TOPK_COLUMNS,
-    _tmp_sibling,
     part_files,
     write_parquet,
 )
@@ -62,13 +62,7 @@ def sql_list(paths: Sequence[str]) -> str:
 
 
 def _copy(con: "duckdb.DuckDBPyConnection", query: str, path: Path, options: str) -> None:
-    tmp = _tmp_sibling(path)
-    try:
-        con.execute(f"COPY ({query}) TO {sql_string(str(tmp))} ({options})")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: con.execute(f"COPY ({query}) TO {sql_string(str(tmp))} ({options})"))
 
 
 def merge_images(con: "duckdb.DuckDBPyConnection", root: Path, num_parts: int) -> None:

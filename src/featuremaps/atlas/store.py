@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import RunError
-from ..folders import MANIFEST, PARTIAL_MARKER, _process_start, check_replaceable
+from ..folders import MANIFEST, PARTIAL_MARKER, _process_start, check_replaceable, temp_sibling, write_atomic
 from .sketch import channel_sketch
 
 SCHEMA_VERSION = 1
@@ -94,10 +94,6 @@ def part_name(part: int) -> str:
     return f"part-{part:06d}"
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -108,23 +104,11 @@ def _fsync(path: Path) -> None:
 
 def write_parquet(table: pa.Table, path: Path, *, row_group_size: int | None = None) -> None:
     """Write ``table`` to ``path`` through a temporary name (a kill leaves the old file or none)."""
-    tmp = _tmp_sibling(path)
-    try:
-        pq.write_table(table, tmp, compression=_COMPRESSION, row_group_size=row_group_size)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, compression=_COMPRESSION, row_group_size=row_group_size))
 
 
 def write_text(text: str, path: Path) -> None:
-    tmp = _tmp_sibling(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # -- what is in a folder ---------------------------------------------------------------------------
@@ -343,7 +327,7 @@ class Writer:
     def part(self, part: int) -> Iterator[Path]:
         """A temporary folder to fill with one part's files, renamed into place when the block ends."""
         final = self.root / PARTS / part_name(part)
-        tmp = _tmp_sibling(final)
+        tmp = temp_sibling(final)
         tmp.mkdir()
         try:
             yield tmp

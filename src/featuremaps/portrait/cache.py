@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import threading
-import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ from PIL import Image, PngImagePlugin
 from torch import nn
 
 from featuremaps.errors import RunError
+from featuremaps.folders import write_atomic
 from featuremaps.layers import safe_name
 from featuremaps.models import Model, module_device, unwrap_model
 from featuremaps.portrait.errors import PortraitError
@@ -159,17 +159,6 @@ def _read(path: Path) -> Image.Image | None:
         return None
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def portrait_images(
     model: Model | nn.Module,
     layer: str,
@@ -225,17 +214,16 @@ def portrait_images(
 def _store(folder: Path, options: dict[str, Any], made: Any) -> None:
     described = {**options, "model_name": made.model, "weights": made.weights}
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "options.json").is_file():
             text = json.dumps(described, indent=2, sort_keys=True)
-            _write_atomic(folder / "options.json", lambda p: p.write_text(text, encoding="utf-8"))
+            write_atomic(folder / "options.json", lambda p: p.write_text(text, encoding="utf-8"))
         for k, channel in enumerate(made.channels):
             record = {**described, "channel": channel, "value": made.values[k], "start_value": made.start_values[k]}
             info = PngImagePlugin.PngInfo()
             info.add_text(INFO_KEY, json.dumps(record, sort_keys=True))
             image = made.images[k]
-            _write_atomic(
-                folder / f"{channel:04d}.png", lambda p, im=image, i=info: im.save(p, format="PNG", pnginfo=i)
-            )
+            write_atomic(folder / f"{channel:04d}.png", lambda p, im=image, i=info: im.save(p, format="PNG", pnginfo=i))
     except OSError as exc:
         raise RunError(f"cannot write the portrait cache {folder}: {exc.strerror or exc}; check the path") from None
 
