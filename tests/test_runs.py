@@ -231,4 +231,6 @@ def test_a_file_written_atomically_is_whole_or_the_old_one(tmp_path):
     seen = []
     write_atomic(path, lambda tmp: (seen.append(tmp.name), tmp.write_text("new")))
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-    assert seen[0].startswith(f".notes.txt.tmp-{os.getpid()}-")  # hidden; the atlas store clears such names after a kill
+    assert seen[0].startswith(
+        f".notes.txt.tmp-{os.getpid()}-"
+    )  # hidden; the atlas store clears such names after a kill
