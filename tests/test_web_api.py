@@ -115,8 +115,11 @@ def test_index_and_static_files(client):
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/html")
     assert "featuremaps" in r.text and "/static/app.js" in r.text
+    assert r.text.index("/static/dom.js") < r.text.index("/static/app.js")  # the shared helpers load first
     assert "default-src 'self'" in r.headers["content-security-policy"]
-    for name, kind in (("app.js", "javascript"), ("style.css", "text/css"), ("index.html", "text/html")):
+    for name, kind in (
+        ("dom.js", "javascript"), ("app.js", "javascript"), ("style.css", "text/css"), ("index.html", "text/html")
+    ):  # fmt: skip
         r = client.get(f"/static/{name}")
         assert r.status_code == 200 and kind in r.headers["content-type"], name
     assert client.get("/static/nothing.js").status_code == 404

@@ -112,6 +112,7 @@ def test_the_channel_page_and_its_files(client):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in r.headers["content-security-policy"]
     assert "/static/channel.js" in r.text and 'id="ch-crops"' in r.text
+    assert r.text.index("/static/dom.js") < r.text.index("/static/channel.js")  # the shared helpers load first
     for name in ("channel.js", "channel.css", "extras.js"):
         assert client.get(f"/static/{name}").status_code == 200, name
     index = client.get("/").text

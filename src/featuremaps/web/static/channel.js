@@ -5,51 +5,14 @@
  * distribution of its per-image max and its portrait, from an atlas the viewer serves. */
 "use strict";
 
-const ch$ = (sel, root = document) => root.querySelector(sel);
-
-async function chApi(url, opts) {
-  let r;
-  try {
-    r = await fetch(url, opts);
-  } catch (e) {
-    throw new Error("the viewer server cannot be reached; is it still running?");
-  }
-  let body = null;
-  try {
-    body = await r.json();
-  } catch (e) {
-    body = null;
-  }
-  if (!r.ok) throw new Error(body && typeof body.detail === "string" ? body.detail : `the server answered ${r.status}`);
-  return body;
-}
-
-function chEl(tag, attrs = {}, children = []) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v;
-    else if (k === "text") e.textContent = v;
-    else if (v !== null && v !== undefined && v !== false) e.setAttribute(k, v === true ? "" : v);
-  }
-  for (const c of children) e.append(c);
-  return e;
-}
-
-function chFmt(v) {
-  if (v === null || v === undefined || Number.isNaN(v)) return "–";
-  const a = Math.abs(v);
-  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
-  return Number(v.toPrecision(3)).toString();
-}
-
 function chError(message) {
-  const box = ch$("#ch-error");
+  const box = $("#ch-error");
   box.textContent = message || "";
   box.hidden = !message;
 }
 
 function setLink(id, href) {
-  const a = ch$(id);
+  const a = $(id);
   if (href) a.href = href;
   a.hidden = !href;
 }
@@ -59,18 +22,18 @@ const portrait = { base: null, timer: null };
 
 async function showPortrait() {
   clearTimeout(portrait.timer);
-  const img = ch$("#ch-portrait");
-  const state = ch$("#ch-portrait-state");
-  const make = ch$("#ch-make");
+  const img = $("#ch-portrait");
+  const state = $("#ch-portrait-state");
+  const make = $("#ch-make");
   let p;
   try {
-    p = await chApi(`${portrait.base}.json`);
+    p = await api(`${portrait.base}.json`);
   } catch (e) {
     state.textContent = e.message;
     make.hidden = true;
     return;
   }
-  ch$("#ch-portrait-section").dataset.state = p.state;
+  $("#ch-portrait-section").dataset.state = p.state;
   if (p.state === "done") {
     img.src = p.url;
     img.hidden = false;
@@ -90,12 +53,12 @@ async function showPortrait() {
 }
 
 async function makePortrait() {
-  ch$("#ch-make").disabled = true;
+  $("#ch-make").disabled = true;
   try {
-    await chApi(portrait.base, { method: "POST" });
+    await api(portrait.base, { method: "POST" });
   } catch (e) {
-    ch$("#ch-portrait-state").textContent = e.message;
-    ch$("#ch-make").disabled = false;
+    $("#ch-portrait-state").textContent = e.message;
+    $("#ch-make").disabled = false;
     return;
   }
   showPortrait();
@@ -103,51 +66,51 @@ async function makePortrait() {
 
 /* -- an atlas's top images and distribution -------------------------------------------------------- */
 async function showAtlas(jsonUrl, k) {
-  const crops = ch$("#ch-crops");
-  crops.replaceChildren(chEl("span", { class: "muted", text: "capturing the top images again for their heatmaps…" }));
-  ch$("#ch-top-section").hidden = false;
+  const crops = $("#ch-crops");
+  crops.replaceChildren(el("span", { class: "muted", text: "capturing the top images again for their heatmaps…" }));
+  $("#ch-top-section").hidden = false;
   let v;
   try {
-    v = await chApi(`${jsonUrl}?k=${k}`);
+    v = await api(`${jsonUrl}?k=${k}`);
   } catch (e) {
-    crops.replaceChildren(chEl("span", { class: "error", text: e.message }));
+    crops.replaceChildren(el("span", { class: "error", text: e.message }));
     return null;
   }
   const a = v.atlas;
-  ch$("#ch-top-title").textContent = `Top ${v.top.length} images of ${a.images}`;
+  $("#ch-top-title").textContent = `Top ${v.top.length} images of ${a.images}`;
   const rf = v.receptive_field ? `receptive field ${v.receptive_field[0]}×${v.receptive_field[1]} px` : "the whole image";
-  ch$("#ch-top-note").textContent = `atlas ${a.folder} · ${a.model} · ${a.weights} · each crop is ${rf}, the heatmap is the channel over it`;
+  $("#ch-top-note").textContent = `atlas ${a.folder} · ${a.model} · ${a.weights} · each crop is ${rf}, the heatmap is the channel over it`;
   crops.replaceChildren();
   for (const hit of v.top) {
-    const heat = chEl("img", { class: "heat", src: hit.crop, alt: `crop ${hit.rank} with the channel's heatmap`, "data-rank": String(hit.rank) });
+    const heat = el("img", { class: "heat", src: hit.crop, alt: `crop ${hit.rank} with the channel's heatmap`, "data-rank": String(hit.rank) });
     heat.addEventListener("error", () => cropFailed(heat, hit.crop));
-    const bare = chEl("img", { class: "bare", src: hit.picture, alt: `crop ${hit.rank}` });
-    const links = chEl("div", { class: "links" }, [chEl("a", { class: "maps-link", href: hit.maps, target: "_blank", rel: "noopener", text: "full maps" })]);
+    const bare = el("img", { class: "bare", src: hit.picture, alt: `crop ${hit.rank}` });
+    const links = el("div", { class: "links" }, [el("a", { class: "maps-link", href: hit.maps, target: "_blank", rel: "noopener", text: "full maps" })]);
     if (v.can_run) {
-      const b = chEl("button", { type: "button", class: "run-link", text: "open in the viewer" });
+      const b = el("button", { type: "button", class: "run-link", text: "open in the viewer" });
       b.addEventListener("click", () => openRun(hit.maps.replace(/maps\.png$/, "run"), b));
       links.append(b);
     }
     crops.append(
-      chEl("figure", { class: "crop", "data-rank": String(hit.rank) }, [
-        chEl("div", { class: "imgs" }, [heat, bare]),
-        chEl("figcaption", { class: "cap", title: hit.image, text: `#${hit.rank} ${hit.name} · max ${chFmt(hit.value)} at (${hit.y}, ${hit.x})` }),
+      el("figure", { class: "crop", "data-rank": String(hit.rank) }, [
+        el("div", { class: "imgs" }, [heat, bare]),
+        el("figcaption", { class: "cap", title: hit.image, text: `#${hit.rank} ${hit.name} · max ${fmt(hit.value)} at (${hit.y}, ${hit.x})` }),
         links,
       ]),
     );
   }
   const d = v.distribution;
-  ch$("#ch-dist").src = v.distribution_png;
-  ch$("#ch-dist-section").hidden = false;
+  $("#ch-dist").src = v.distribution_png;
+  $("#ch-dist-section").hidden = false;
   const q = d.quantiles || {};
   const rows = [
     ["images", String(d.count)],
-    ["min … max", `${chFmt(d.min)} … ${chFmt(d.max)}`],
-    ["mean", chFmt(d.mean)],
-    ["median", chFmt(q.p50)],
-    ["1% … 99%", `${chFmt(q.p01)} … ${chFmt(q.p99)}`],
+    ["min … max", `${fmt(d.min)} … ${fmt(d.max)}`],
+    ["mean", fmt(d.mean)],
+    ["median", fmt(q.p50)],
+    ["1% … 99%", `${fmt(q.p01)} … ${fmt(q.p99)}`],
   ];
-  ch$("#ch-dist-numbers").replaceChildren(...rows.map(([k2, val]) => chEl("tr", {}, [chEl("th", { text: k2 }), chEl("td", { text: val })])));
+  $("#ch-dist-numbers").replaceChildren(...rows.map(([k2, val]) => el("tr", {}, [el("th", { text: k2 }), el("td", { text: val })])));
   return v;
 }
 
@@ -158,18 +121,18 @@ async function cropFailed(img, url) {
   fig.classList.add("broken");
   let why = "the crop could not be drawn";
   try {
-    await chApi(url);
+    await api(url);
   } catch (e) {
     why = e.message;
   }
-  fig.append(chEl("div", { class: "cap error", text: why }));
+  fig.append(el("div", { class: "cap error", text: why }));
 }
 
 async function openRun(url, button) {
   button.disabled = true;
   button.textContent = "starting a run…";
   try {
-    const job = await chApi(url, { method: "POST" });
+    const job = await api(url, { method: "POST" });
     window.location.href = job.page;
   } catch (e) {
     button.textContent = e.message;
@@ -182,7 +145,7 @@ async function initChannel() {
   const channel = Number(q.get("channel"));
   const layer = q.get("layer");
   const k = Math.min(32, Math.max(1, Number(q.get("k") || 9)));
-  ch$("#ch-make").addEventListener("click", makePortrait);
+  $("#ch-make").addEventListener("click", makePortrait);
   if (layer === null || !Number.isInteger(channel) || q.get("channel") === null || (!q.get("run") && !q.get("atlas"))) {
     chError("this page shows one channel: /channel?run=ID&layer=INDEX&channel=C or /channel?atlas=ID&layer=NAME&channel=C");
     return;
@@ -191,15 +154,15 @@ async function initChannel() {
     const aid = q.get("atlas");
     const base = `/api/atlases/${encodeURIComponent(aid)}/layers/${encodeURIComponent(layer)}/channels/${channel}`;
     document.title = `featuremaps · ${layer} #${channel}`;
-    ch$("#ch-title").textContent = `${layer} · channel ${channel}`;
+    $("#ch-title").textContent = `${layer} · channel ${channel}`;
     portrait.base = `${base}/portrait`;
     const v = await showAtlas(`${base}.json`, k);
     if (!v) {
-      chError(ch$("#ch-crops").textContent);
-      ch$("#ch-portrait-section").hidden = true;
+      chError($("#ch-crops").textContent);
+      $("#ch-portrait-section").hidden = true;
       return;
     }
-    ch$("#ch-meta").textContent = `atlas ${v.atlas.folder} · ${v.atlas.model} · ${v.atlas.weights} · ${v.atlas.images} images`;
+    $("#ch-meta").textContent = `atlas ${v.atlas.folder} · ${v.atlas.model} · ${v.atlas.weights} · ${v.atlas.images} images`;
     const n = v.atlas.layers.find((l) => l.name === layer);
     const mk = (c) => `/channel?${new URLSearchParams({ atlas: aid, layer, channel: String(c) })}`;
     setLink("#ch-prev", channel > 0 ? mk(channel - 1) : null);
@@ -210,40 +173,40 @@ async function initChannel() {
   const run = q.get("run");
   let p;
   try {
-    p = await chApi(`/api/runs/${encodeURIComponent(run)}/layers/${encodeURIComponent(layer)}/channels/${channel}/page.json`);
+    p = await api(`/api/runs/${encodeURIComponent(run)}/layers/${encodeURIComponent(layer)}/channels/${channel}/page.json`);
   } catch (e) {
     chError(e.message);
-    ch$("#ch-portrait-section").hidden = true;
+    $("#ch-portrait-section").hidden = true;
     return;
   }
   document.title = `featuremaps · ${p.layer.name} #${channel}`;
-  ch$("#ch-title").textContent = `${p.layer.name} · channel ${channel} of ${p.layer.channels}`;
+  $("#ch-title").textContent = `${p.layer.name} · channel ${channel} of ${p.layer.channels}`;
   const src = p.source ? ` · ${String(p.source).replace(/^sample:/, "")}` : "";
-  ch$("#ch-meta").textContent = `run ${p.run} · ${p.model} · ${p.weights}${src}`;
+  $("#ch-meta").textContent = `run ${p.run} · ${p.model} · ${p.weights}${src}`;
   setLink("#ch-prev", p.previous);
   setLink("#ch-next", p.next);
   setLink("#ch-run", p.run_page);
-  ch$("#ch-run-section").hidden = false;
-  ch$("#ch-map").src = p.channel_png;
-  ch$("#ch-overlay").src = p.overlay_png;
-  chApi(p.channel_json)
+  $("#ch-run-section").hidden = false;
+  $("#ch-map").src = p.channel_png;
+  $("#ch-overlay").src = p.overlay_png;
+  api(p.channel_json)
     .then((info) => {
-      ch$("#ch-values").textContent = `values ${chFmt(info.min)} … ${chFmt(info.max)} · mean ${chFmt(info.mean)} · zeros ${(100 * info.zero_fraction).toFixed(1)}%`;
+      $("#ch-values").textContent = `values ${fmt(info.min)} … ${fmt(info.max)} · mean ${fmt(info.mean)} · zeros ${(100 * info.zero_fraction).toFixed(1)}%`;
     })
     .catch((e) => {
-      ch$("#ch-values").textContent = e.message;
+      $("#ch-values").textContent = e.message;
     });
   portrait.base = p.portrait;
   showPortrait();
   if (!p.atlases.length) {
-    ch$("#ch-no-atlas").hidden = false;
-    ch$("#ch-no-atlas-text").textContent =
+    $("#ch-no-atlas").hidden = false;
+    $("#ch-no-atlas-text").textContent =
       `No atlas of ${p.model} (${p.weights}) with ${p.layer.name} is served. Make one with \`featuremaps atlas FOLDER --model ${p.model} --layers ${p.layer.name}\` and start the viewer with --atlas ATLAS to see the images that excite this channel most and its distribution.`;
     return;
   }
-  const select = ch$("#ch-atlas");
-  select.replaceChildren(...p.atlases.map((a, i) => chEl("option", { value: String(i), text: a.label })));
-  ch$("#ch-atlas-choice").hidden = p.atlases.length < 2;
+  const select = $("#ch-atlas");
+  select.replaceChildren(...p.atlases.map((a, i) => el("option", { value: String(i), text: a.label })));
+  $("#ch-atlas-choice").hidden = p.atlases.length < 2;
   select.addEventListener("change", () => showAtlas(p.atlases[Number(select.value)].channel_json, k));
   showAtlas(p.atlases[0].channel_json, k);
 }

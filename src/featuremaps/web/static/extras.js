@@ -1,7 +1,8 @@
 /* featuremaps viewer, beside app.js: the CAM panel of a run (class evidence beside the layer strip)
  * and opening a run from the address (/?run=ID&layer=NAME|INDEX&channel=C, what the channel page
- * links to). Uses app.js's globals (app, api, el, $, $$, ensureViews) and listens to the events its
- * RunView sends: fm-run-shown (a run's layers are on screen) and fm-run-reset. */
+ * links to). Uses dom.js's helpers (api, el, $, $$) and app.js's globals (app, ensureViews), and
+ * listens to the events its RunView sends: fm-run-shown (a run's layers are on screen) and
+ * fm-run-reset. */
 "use strict";
 
 const cam = { methods: null, open: false };
